@@ -1,0 +1,220 @@
+"""Switchable Normalization layers with the official semantics and state_dict layout.
+
+Parameter and buffer names/shapes are those of the official Switchable-Normalization code
+(``weight``, ``bias``, ``mean_weight``, ``var_weight``, ``running_mean``, ``running_var``), so
+official checkpoints load with ``strict=True``.  The statistics are the official ones (unbiased IN
+variance, LN/BN moments derived from the IN moments, softmax over the raw mixing logits, eps added
+once); they are computed in the algebraically equal but cancellation-free form
+``var_ln = mean_c(var_in) + mean_c((mean_in - mean_ln)^2)`` instead of ``E[x^2] - E[x]^2``.
+
+Two extension points serve the deployment pipeline without changing the maths:
+
+* ``batch_stats_observer``: when set, a training-mode forward hands its batch statistics
+  ``(mean_bn, var_bn)`` to the observer instead of updating the running buffers
+  (batch-average calibration, see :mod:`sn_deploy.calibrate`).
+* :func:`sn_deploy.export` swaps the eval forward for one custom op per layer while exporting.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+BatchStatsObserver = Callable[["_SwitchNorm", torch.Tensor, torch.Tensor], None]
+
+
+class DegenerateInputError(ValueError):
+    """Raised when the instance variance is undefined (one element per plane)."""
+
+
+class _SwitchNorm(nn.Module):
+    """Shared state and mixing logic of SwitchNorm1d/2d/3d."""
+
+    #: number of dimensions of the expected input
+    input_rank: int = 4
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.9,
+        using_moving_average: bool = True,
+        using_bn: bool = True,
+        last_gamma: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.using_moving_average = using_moving_average
+        self.using_bn = using_bn
+        self.last_gamma = last_gamma
+        affine_shape = (1, num_features) + (1,) * (self.input_rank - 2)
+        self.weight = nn.Parameter(torch.ones(affine_shape))
+        self.bias = nn.Parameter(torch.zeros(affine_shape))
+        n_branches = self.num_branches
+        self.mean_weight = nn.Parameter(torch.ones(n_branches))
+        self.var_weight = nn.Parameter(torch.ones(n_branches))
+        if using_bn:
+            stats_shape = (1, num_features) if self.input_rank == 2 else (1, num_features, 1)
+            self.register_buffer("running_mean", torch.zeros(stats_shape))
+            self.register_buffer("running_var", torch.zeros(stats_shape))
+        else:
+            self.running_mean = None
+            self.running_var = None
+        self.batch_stats_observer: Optional[BatchStatsObserver] = None
+        self.reset_parameters()
+
+    @property
+    def num_branches(self) -> int:
+        return 3 if self.using_bn else 2
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        return ("in", "ln", "bn") if self.using_bn else ("in", "ln")
+
+    def reset_parameters(self) -> None:
+        if self.using_bn:
+            self.running_mean.zero_()
+            self.running_var.zero_()
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.last_gamma else 1.0)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
+            f"last_gamma={self.last_gamma}"
+        )
+
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmaxed (mean, var) mixing weights, in branch order."""
+        return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() != self.input_rank:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.input_rank}D input, got {x.dim()}D "
+                f"(shape {tuple(x.shape)})"
+            )
+
+    def _observe_batch(self, mean_bn: torch.Tensor, var_bn: torch.Tensor) -> None:
+        """Update running statistics the official way, or hand them to the observer."""
+        if self.batch_stats_observer is not None:
+            self.batch_stats_observer(self, mean_bn.detach(), var_bn.detach())
+            return
+        with torch.no_grad():
+            if self.using_moving_average:
+                self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
+                self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
+            else:  # official batch-average accumulation; divided by the caller
+                self.running_mean.add_(mean_bn)
+                self.running_var.add_(mean_bn**2 + var_bn)
+
+
+class _SwitchNormSpatial(_SwitchNorm):
+    """SwitchNorm over (N, C, *spatial): IN, LN and BN statistics from per-plane moments."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        shape = x.shape
+        n, c = shape[0], shape[1]
+        xf = x.reshape(n, c, -1)
+        if xf.shape[-1] == 1:
+            raise DegenerateInputError(
+                f"{type(self).__name__} got spatial size 1 (input {tuple(shape)}): the unbiased "
+                "instance variance divides by L-1 = 0 and is NaN; use a larger input or a layer "
+                "without the IN branch"
+            )
+        var_in, mean_in = torch.var_mean(xf, dim=-1, keepdim=True)  # (N,C,1), unbiased
+        mean_ln = mean_in.mean(1, keepdim=True)
+        var_ln = var_in.mean(1, keepdim=True) + ((mean_in - mean_ln) ** 2).mean(1, keepdim=True)
+        mean_w, var_w = self.mixing_weights()
+        mean = mean_w[0] * mean_in + mean_w[1] * mean_ln
+        var = var_w[0] * var_in + var_w[1] * var_ln
+        if self.using_bn:
+            if self.training:
+                mean_bn = mean_in.mean(0, keepdim=True)
+                var_bn = var_in.mean(0, keepdim=True) + ((mean_in - mean_bn) ** 2).mean(
+                    0, keepdim=True
+                )
+                self._observe_batch(mean_bn, var_bn)
+            else:
+                mean_bn, var_bn = self.running_mean, self.running_var
+            mean = mean + mean_w[2] * mean_bn
+            var = var + var_w[2] * var_bn
+        y = (xf - mean) / (var + self.eps).sqrt()
+        return y.reshape(shape) * self.weight + self.bias
+
+
+class SwitchNorm2d(_SwitchNormSpatial):
+    """SwitchNorm over (N, C, H, W); official defaults (momentum 0.9)."""
+
+    input_rank = 4
+
+
+class SwitchNorm3d(_SwitchNormSpatial):
+    """SwitchNorm over (N, C, D, H, W); official defaults (momentum 0.997)."""
+
+    input_rank = 5
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.997, **kw) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, **kw)
+
+
+class SwitchNorm1d(_SwitchNorm):
+    """SwitchNorm over (N, C): LN over C and BN over N (both unbiased), weights [LN, BN]."""
+
+    input_rank = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.997,
+        using_moving_average: bool = True,
+        last_gamma: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            using_moving_average=using_moving_average,
+            using_bn=True,
+            last_gamma=last_gamma,
+        )
+
+    @property
+    def num_branches(self) -> int:
+        return 2
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        return ("ln", "bn")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if x.shape[1] == 1:
+            raise DegenerateInputError(
+                "SwitchNorm1d got 1 feature: the unbiased LN variance divides by C-1 = 0 and is NaN"
+            )
+        var_ln, mean_ln = torch.var_mean(x, dim=1, keepdim=True)
+        if self.training:
+            var_bn, mean_bn = torch.var_mean(x, dim=0, keepdim=True)
+            self._observe_batch(mean_bn, var_bn)
+        else:
+            mean_bn, var_bn = self.running_mean, self.running_var
+        mean_w, var_w = self.mixing_weights()
+        mean = mean_w[0] * mean_ln + mean_w[1] * mean_bn
+        var = var_w[0] * var_ln + var_w[1] * var_bn
+        return (x - mean) / (var + self.eps).sqrt() * self.weight + self.bias
+
+
+SWITCH_NORM_TYPES = (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d)
+
+
+def switch_norm_layers(model: nn.Module) -> list[tuple[str, _SwitchNorm]]:
+    """All SwitchNorm layers of ``model`` with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _SwitchNorm)]
