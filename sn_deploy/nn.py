@@ -114,39 +114,89 @@ class _SwitchNorm(nn.Module):
                 self.running_var.add_(mean_bn**2 + var_bn)
 
 
+def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) mean and unbiased variance over the trailing axes, each (N, C, 1)."""
+    xf = x.reshape(x.shape[0], x.shape[1], -1)
+    if xf.shape[-1] == 1:
+        raise DegenerateInputError(
+            f"SwitchNorm got spatial size 1 (input {tuple(x.shape)}): the unbiased instance "
+            "variance divides by L-1 = 0 and is NaN; use a larger input or a layer without IN"
+        )
+    var_in, mean_in = torch.var_mean(xf, dim=-1, keepdim=True)
+    return mean_in, var_in
+
+
+def pool_moments(mean: torch.Tensor, var: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled mean/variance of groups from their moments (the official LN/BN rule, stable form)."""
+    pooled = mean.mean(dim, keepdim=True)
+    return pooled, var.mean(dim, keepdim=True) + ((mean - pooled) ** 2).mean(dim, keepdim=True)
+
+
+def switchable_norm_spatial(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    mean_w: torch.Tensor,
+    var_w: torch.Tensor,
+    mean_bn: Optional[torch.Tensor],
+    var_bn: Optional[torch.Tensor],
+    eps: float,
+    moments: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """SN of (N, C, *spatial) given the mixing weights and BN-branch statistics (None: no BN)."""
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    mean_in, var_in = moments if moments is not None else instance_moments(x)
+    mean_ln, var_ln = pool_moments(mean_in, var_in, 1)
+    mean = mean_w[0] * mean_in + mean_w[1] * mean_ln
+    var = var_w[0] * var_in + var_w[1] * var_ln
+    if mean_bn is not None:
+        mean = mean + mean_w[2] * mean_bn.reshape(1, c, 1)
+        var = var + var_w[2] * var_bn.reshape(1, c, 1)
+    y = (x.reshape(n, c, -1) - mean) / (var + eps).sqrt()
+    stat_shape = (1, c) + (1,) * (len(shape) - 2)
+    return y.reshape(shape) * scale.reshape(stat_shape) + bias.reshape(stat_shape)
+
+
+def switchable_norm_1d(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    mean_w: torch.Tensor,
+    var_w: torch.Tensor,
+    mean_bn: torch.Tensor,
+    var_bn: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """SN of (N, C): LN over C (unbiased), BN statistics given, weights [LN, BN]."""
+    if x.shape[1] == 1:
+        raise DegenerateInputError(
+            "SwitchNorm1d got 1 feature: the unbiased LN variance divides by C-1 = 0 and is NaN"
+        )
+    var_ln, mean_ln = torch.var_mean(x, dim=1, keepdim=True)
+    c = x.shape[1]
+    mean = mean_w[0] * mean_ln + mean_w[1] * mean_bn.reshape(1, c)
+    var = var_w[0] * var_ln + var_w[1] * var_bn.reshape(1, c)
+    return (x - mean) / (var + eps).sqrt() * scale.reshape(1, c) + bias.reshape(1, c)
+
+
 class _SwitchNormSpatial(_SwitchNorm):
     """SwitchNorm over (N, C, *spatial): IN, LN and BN statistics from per-plane moments."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        shape = x.shape
-        n, c = shape[0], shape[1]
-        xf = x.reshape(n, c, -1)
-        if xf.shape[-1] == 1:
-            raise DegenerateInputError(
-                f"{type(self).__name__} got spatial size 1 (input {tuple(shape)}): the unbiased "
-                "instance variance divides by L-1 = 0 and is NaN; use a larger input or a layer "
-                "without the IN branch"
-            )
-        var_in, mean_in = torch.var_mean(xf, dim=-1, keepdim=True)  # (N,C,1), unbiased
-        mean_ln = mean_in.mean(1, keepdim=True)
-        var_ln = var_in.mean(1, keepdim=True) + ((mean_in - mean_ln) ** 2).mean(1, keepdim=True)
-        mean_w, var_w = self.mixing_weights()
-        mean = mean_w[0] * mean_in + mean_w[1] * mean_ln
-        var = var_w[0] * var_in + var_w[1] * var_ln
+        moments = instance_moments(x)
+        mean_bn = var_bn = None
         if self.using_bn:
             if self.training:
-                mean_bn = mean_in.mean(0, keepdim=True)
-                var_bn = var_in.mean(0, keepdim=True) + ((mean_in - mean_bn) ** 2).mean(
-                    0, keepdim=True
-                )
+                mean_bn, var_bn = pool_moments(*moments, 0)
                 self._observe_batch(mean_bn, var_bn)
             else:
                 mean_bn, var_bn = self.running_mean, self.running_var
-            mean = mean + mean_w[2] * mean_bn
-            var = var + var_w[2] * var_bn
-        y = (xf - mean) / (var + self.eps).sqrt()
-        return y.reshape(shape) * self.weight + self.bias
+        mean_w, var_w = self.mixing_weights()
+        return switchable_norm_spatial(
+            x, self.weight, self.bias, mean_w, var_w, mean_bn, var_bn, self.eps, moments
+        )
 
 
 class SwitchNorm2d(_SwitchNormSpatial):
@@ -196,20 +246,13 @@ class SwitchNorm1d(_SwitchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if x.shape[1] == 1:
-            raise DegenerateInputError(
-                "SwitchNorm1d got 1 feature: the unbiased LN variance divides by C-1 = 0 and is NaN"
-            )
-        var_ln, mean_ln = torch.var_mean(x, dim=1, keepdim=True)
         if self.training:
             var_bn, mean_bn = torch.var_mean(x, dim=0, keepdim=True)
             self._observe_batch(mean_bn, var_bn)
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
         mean_w, var_w = self.mixing_weights()
-        mean = mean_w[0] * mean_ln + mean_w[1] * mean_bn
-        var = var_w[0] * var_ln + var_w[1] * var_bn
-        return (x - mean) / (var + self.eps).sqrt() * self.weight + self.bias
+        return switchable_norm_1d(x, self.weight, self.bias, mean_w, var_w, mean_bn, var_bn, self.eps)
 
 
 SWITCH_NORM_TYPES = (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d)
