@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""ONNX Runtime CPU latency: ResNet-50 v1 with SN (naive export, sn_deploy) vs the BN network.
+
+All figures are ratios measured side by side in one process: the sessions run alternately, each
+repeat times every variant once, and the medians are compared.  Thread spinning is off so one
+session's idle workers do not steal time from the next.  Also one SN layer against a copy of its
+input into a preallocated buffer (the memory-traffic floor).
+
+    python scripts/bench_cpu.py [--repeats 30] [--threads 2] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sn_deploy import ops  # noqa: E402
+from sn_deploy.export import export_sn_onnx  # noqa: E402
+from sn_deploy.models import build_model  # noqa: E402
+from sn_deploy.nn import SwitchNorm2d, switch_norm_layers  # noqa: E402
+from sn_deploy.passes.decompose import decompose_model  # noqa: E402
+from sn_deploy.runtime.onnxruntime import create_session  # noqa: E402
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in switch_norm_layers(model):
+            m.mean_weight.copy_(torch.randn(3, generator=g))
+            m.var_weight.copy_(torch.randn(3, generator=g))
+            m.weight.fill_(1.0)
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model.eval()
+
+
+def _bn_twin(sn_model: torch.nn.Module) -> torch.nn.Module:
+    """The same ResNet with BatchNorm2d in place of every SN layer, BN folded into the convs."""
+    import copy
+
+    model = copy.deepcopy(sn_model)
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, SwitchNorm2d):
+                bn = torch.nn.BatchNorm2d(child.num_features)
+                bn.running_var.uniform_(0.5, 1.5)
+                setattr(m, child_name, bn)
+    model.eval()
+    return _fold_bn(model)
+
+
+def _fold_bn(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for m in model.modules():
+        names = list(m._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = m._modules[a], m._modules[b]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                m._modules[a] = fuse_conv_bn_eval(conv, bn)
+                m._modules[b] = torch.nn.Identity()
+    return model
+
+
+def _plain_export(model: torch.nn.Module, shape) -> onnx.ModelProto:
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(model, (torch.randn(shape),), dynamo=True, opset_version=18,
+                                 input_names=["input"]).model_proto
+
+
+def _time_alternating(runners: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _session_runner(model: onnx.ModelProto, x: np.ndarray, threads: int):
+    sess = create_session(model, threads=threads, spinning=False)
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def bench_resnet50(repeats: int, threads: int) -> list[dict]:
+    sn_model = _randomize(build_model("resnetv1sn50"))
+    bn_model = _bn_twin(sn_model)
+    results = []
+    for batch in (1, 8):
+        shape = (batch, 3, 224, 224)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        forms = {
+            "bn_folded": _plain_export(bn_model, shape),
+            "sn_naive_export": _plain_export(sn_model, shape),
+            "sn_deploy": decompose_model(export_sn_onnx(sn_model, shape)),
+        }
+        runners = {k: _session_runner(m, x, threads) for k, m in forms.items()}
+        med = _time_alternating(runners, repeats)
+        results.append({
+            "batch": batch,
+            "latency_ms": {k: v * 1e3 for k, v in med.items()},
+            "ratio_vs_bn": {k: med[k] / med["bn_folded"] for k in med},
+        })
+    return results
+
+
+def _single_sn_model(shape) -> onnx.ModelProto:
+    layer = torch.nn.Sequential(SwitchNorm2d(shape[1]))
+    _randomize(layer)
+    return decompose_model(export_sn_onnx(layer, shape))
+
+
+def bench_single_layer(repeats: int, threads: int) -> list[dict]:
+    results = []
+    for shape in ((8, 64, 56, 56), (16, 64, 112, 112)):
+        x = np.random.default_rng(0).normal(1.0, 2.0, size=shape).astype(np.float32)
+        buf = np.empty_like(x)
+        runners = {
+            "copy": lambda: np.copyto(buf, x),
+            "sn_decomposed_ort": _session_runner(_single_sn_model(shape), x, threads),
+        }
+        if ops.available():
+            c = shape[1]
+            one, zero = np.ones(c, np.float32), np.zeros(c, np.float32)
+            w = np.array([0.3, 0.3, 0.4], np.float32)
+            runners["sn_native_cpu_kernel"] = lambda: ops.switchable_norm_cpu(
+                x, one, zero, zero, one, w, w, 1e-5, num_threads=threads)
+        med = _time_alternating(runners, repeats)
+        nbytes = x.nbytes
+        results.append({
+            "shape": "x".join(map(str, shape)),
+            "time_ms": {k: v * 1e3 for k, v in med.items()},
+            "ratio_vs_copy": {k: med[k] / med["copy"] for k in med},
+            "copy_GBps": 2 * nbytes / med["copy"] / 1e9,
+        })
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "resnet50": bench_resnet50(args.repeats, args.threads),
+        "single_layer": bench_single_layer(args.repeats, args.threads),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"ResNet-50 v1, ONNX Runtime CPU, {args.threads} threads, median of {args.repeats}")
+    print(f"{'batch':>5}  {'BN folded ms':>12}  {'SN naive ms':>11}  {'sn_deploy ms':>12}  "
+          f"{'naive/BN':>8}  {'sn_deploy/BN':>12}")
+    for r in report["resnet50"]:
+        lat, rat = r["latency_ms"], r["ratio_vs_bn"]
+        print(f"{r['batch']:>5}  {lat['bn_folded']:>12.2f}  {lat['sn_naive_export']:>11.2f}  "
+              f"{lat['sn_deploy']:>12.2f}  {rat['sn_naive_export']:>8.2f}  {rat['sn_deploy']:>12.2f}")
+    print("\nOne SN layer vs np.copyto into a preallocated buffer")
+    for r in report["single_layer"]:
+        parts = ", ".join(f"{k} {v:.3f} ms ({r['ratio_vs_copy'][k]:.2f}x)"
+                          for k, v in r["time_ms"].items())
+        print(f"  {r['shape']}: {parts}; copy {r['copy_GBps']:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``sn-export``: checkpoint → model.sn.onnx + model.onnx (+ model.trt.onnx) + parity report."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sn_deploy.cli.common import EXIT_FAILED, run_app
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="checkpoint (.pth): state_dict, official dict, or DDP"),
+    arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
+    input_shape: str = typer.Option(..., "--input-shape", help="e.g. 1x3x224x224"),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="folder for the exported files"),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="batch axis dynamic"),
+    dynamic_spatial: bool = typer.Option(False, "--dynamic-spatial", help="spatial axes dynamic"),
+    opset: int = typer.Option(18, "--opset", help="default-domain opset (17 or newer)"),
+    target: str = typer.Option("onnxruntime", "--target", help="onnxruntime | tensorrt"),
+    calibrate_data: Optional[str] = typer.Option(
+        None, "--calibrate-data", help="batch-average the BN statistics on this data first"),
+    calibrate_batch_size: int = typer.Option(32, "--calibrate-batch-size"),
+    calibrate_num_batches: int = typer.Option(200, "--calibrate-num-batches"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="calibration recipe (YAML)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                      help="allow a pickled nn.Module (runs code from the file)"),
+    atol: float = typer.Option(1e-4, "--atol"),
+    rtol: float = typer.Option(1e-4, "--rtol"),
+) -> None:
+    from sn_deploy.export import parse_shape
+    from sn_deploy.pipeline import CalibrationOptions, run_export
+    from sn_deploy.report import render_table
+
+    shape = parse_shape(input_shape)
+    calibration = None
+    if calibrate_data is not None:
+        calibration = CalibrationOptions(calibrate_data, calibrate_batch_size,
+                                         calibrate_num_batches, recipe=recipe)
+    result = run_export(
+        str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
+        dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
+        trust_pickle=trust_pickle, atol=atol, rtol=rtol, log=typer.echo,
+    )
+    typer.echo(render_table(result.validation))
+    typer.echo(f"report: {result.files['report.json']} and {result.files['report.html']}")
+    if not result.passed:
+        typer.echo("parity FAILED: see the report", err=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+main = run_app(app)

@@ -1,0 +1,134 @@
+"""The export job behind ``sn-export``: checkpoint → (calibrate) → model.sn.onnx → model.onnx → parity.
+
+Every file is written atomically; when a step fails, the files this run wrote are removed again, so
+an output directory never holds a half-finished export.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from sn_deploy.errors import InputError
+
+
+@dataclass
+class CalibrationOptions:
+    data: str
+    batch_size: int = 32
+    num_batches: int = 200
+    order: str = "random"
+    seed: int = 0
+    recipe: Optional[str] = None
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    num_sn_layers: int = 0
+    validation: object = None  # ValidationReport
+    calibration: object = None  # CalibrationResult
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or bool(self.validation.passed)
+
+
+def check_writable_dir(path: Path) -> Path:
+    """Create the output folder and prove it is writable before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"output directory '{path}' is not writable ({exc.strerror or exc}); "
+            "choose another --output-dir"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def _rollback_on_error(written: list[Path]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        raise
+
+
+def run_export(
+    checkpoint: str,
+    arch: str,
+    input_shape: Sequence[int],
+    output_dir: str | os.PathLike,
+    *,
+    dynamic_batch: bool = False,
+    dynamic_spatial: bool = False,
+    opset: int = 18,
+    target: str = "onnxruntime",
+    calibration: Optional[CalibrationOptions] = None,
+    trust_pickle: bool = False,
+    validate_inputs: str = "random",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Run the whole export job; returns what was written and the parity report."""
+    from sn_deploy import calibrate as calib
+    from sn_deploy import data as data_mod
+    from sn_deploy import validate as val
+    from sn_deploy.checkpoint import load_checkpoint
+    from sn_deploy.export import export_sn_onnx, save_model_atomic
+    from sn_deploy.nn import switch_norm_layers
+    from sn_deploy.passes.decompose import decompose_model
+    from sn_deploy.report import write_reports
+
+    if target not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"unknown --target '{target}': use onnxruntime or tensorrt")
+    out = check_writable_dir(Path(output_dir))
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    model = loaded.model.eval()
+    result = ExportResult(output_dir=out)
+    result.num_sn_layers = len(switch_norm_layers(model))
+    if result.num_sn_layers == 0:
+        log("note: the model has no SwitchNorm layer; exporting it as a plain ONNX model")
+
+    if calibration is not None:
+        source = data_mod.open_source(calibration.data, recipe=calibration.recipe)
+        batches = data_mod.batches(source, calibration.batch_size, calibration.num_batches,
+                                   order=calibration.order, seed=calibration.seed)
+        result.calibration = calib.calibrate_batch_average(model, batches, calibration.num_batches)
+        log(f"calibrated {result.num_sn_layers} SN layers on {calibration.num_batches} batches "
+            f"of {calibration.batch_size}")
+
+    written: list[Path] = []
+    with _rollback_on_error(written):
+        sn_onnx = export_sn_onnx(model, input_shape, dynamic_batch=dynamic_batch,
+                                 dynamic_spatial=dynamic_spatial, opset=opset)
+        written.append(save_model_atomic(sn_onnx, out / "model.sn.onnx"))
+        decomposed = decompose_model(sn_onnx)
+        written.append(save_model_atomic(decomposed, out / "model.onnx"))
+        forms = [out / "model.onnx", out / "model.sn.onnx"]
+        if target == "tensorrt":
+            from sn_deploy.passes.to_plugin import to_plugin_model
+
+            written.append(save_model_atomic(to_plugin_model(sn_onnx), out / "model.trt.onnx"))
+        result.files = {p.name: p for p in written}
+        log(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+        inputs = val.make_inputs(validate_inputs, tuple(input_shape), seed=0)
+        result.validation = val.validate(model, forms, inputs, atol=atol, rtol=rtol,
+                                         per_layer=result.num_sn_layers > 0)
+        json_path, html_path = out / "report.json", out / "report.html"
+        write_reports(result.validation, json_path, html_path)
+        written.extend([json_path, html_path])
+        result.files.update({"report.json": json_path, "report.html": html_path})
+    return result
