@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import types
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch.nn as nn
 from onnxscript import FLOAT
 
 from sn_deploy import onnx_ops
+from sn_deploy.atomic import atomic_write
 from sn_deploy.errors import InputError
 from sn_deploy.nn import (
     DegenerateInputError,
@@ -313,15 +313,5 @@ def export_sn_onnx(
 
 
 def save_model_atomic(model: onnx.ModelProto, path: os.PathLike | str) -> Path:
-    """Write an ONNX model via a temp file in the same folder and a rename: never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write an ONNX model via a temp file and a rename: never half-written."""
+    return atomic_write(path, model.SerializeToString())

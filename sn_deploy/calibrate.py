@@ -1,0 +1,188 @@
+"""Batch-average calibration of the BN branch's inference statistics.
+
+SN's BN branch is trained on batch statistics; its moving averages lag the final weights.  The
+official remedy (``using_moving_average=False``): freeze everything, run K training batches with the
+SN layers computing batch statistics, and use the pooled statistics
+
+    running_mean = mean_i(mean_bn_i)
+    running_var  = mean_i(var_bn_i + mean_bn_i²) − running_mean²   (pooled, not mean_i(var_bn_i))
+
+computed here in float64 in the cancellation-free form ``mean_i(var_bn_i) +
+mean_i((mean_bn_i − running_mean)²)``.  Only the SN layers run in training mode (so later layers
+see batch-normalized activations, as in the official procedure); dropout and plain BatchNorm stay
+in eval, and no parameter changes.  ``precise_bn=True`` batch-averages plain BatchNorm layers with
+the same pooled rule (their unbiased per-batch variance, matching torch's running_var convention).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from sn_deploy.errors import InputError
+from sn_deploy.nn import DegenerateInputError, _SwitchNorm, switch_norm_layers
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _PooledStats:
+    """Per-layer sums in float64: Σ mean_i, Σ var_i, and Σ mean_i² about a shift (the first batch)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: Optional[torch.Tensor] = None
+        self.sum_mean = self.sum_var = self.sum_sq = None
+
+    def add(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        mean, var = mean.detach().double().reshape(-1), var.detach().double().reshape(-1)
+        if self.shift is None:
+            self.shift = mean.clone()
+            self.sum_mean = torch.zeros_like(mean)
+            self.sum_var = torch.zeros_like(mean)
+            self.sum_sq = torch.zeros_like(mean)
+        d = mean - self.shift
+        self.sum_mean += d
+        self.sum_var += var
+        self.sum_sq += d * d
+        self.count += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.count
+        md = self.sum_mean / k
+        return self.shift + md, self.sum_var / k + (self.sum_sq / k - md * md).clamp_min(0)
+
+
+@dataclass
+class LayerCalibration:
+    name: str
+    kind: str
+    batches: int
+    mean_abs_change_mean: float
+    mean_abs_change_var: float
+    mean_weights: dict[str, float] = field(default_factory=dict)
+    var_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationResult:
+    num_batches: int
+    num_samples: int
+    seconds: float
+    layers: list[LayerCalibration] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_samples / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "num_batches": self.num_batches, "num_samples": self.num_samples,
+            "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def _bn_batch_stats(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.double(), dim=dims, unbiased=True)
+    return mean, var
+
+
+def calibrate_batch_average(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    num_batches: int,
+    precise_bn: bool = False,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Set every SN layer's running stats (and BN's, with precise_bn) to batch averages, in place."""
+    sn_layers = [(n, m) for n, m in switch_norm_layers(model) if m.using_bn]
+    bn_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)] \
+        if precise_bn else []
+    stats = {n: _PooledStats() for n, _ in sn_layers + bn_layers}
+    was_training = {m: m.training for m in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    hooks = []
+
+    def sn_observer(layer: _SwitchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+        stats[names[layer]].add(mean, var)
+
+    names = {m: n for n, m in sn_layers}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, m in sn_layers:
+            m.train()
+            m.batch_stats_observer = sn_observer
+        for name, m in bn_layers:
+            def hook(mod, args, name=name):
+                stats[name].add(*_bn_batch_stats(mod, args[0]))
+            hooks.append(m.register_forward_pre_hook(hook))
+        samples, start = 0, time.perf_counter()
+        iterator = _progress(batches, num_batches, progress)
+        with torch.no_grad():
+            for i, batch in enumerate(iterator):
+                if i >= num_batches:
+                    break
+                try:
+                    model(batch)
+                except DegenerateInputError as exc:
+                    raise InputError(f"calibration batch {i}: {exc}") from None
+                except RuntimeError as exc:
+                    first = str(exc).strip().splitlines()[0][:200]
+                    raise InputError(
+                        f"the model rejects calibration batch {i} of shape {tuple(batch.shape)} "
+                        f"({first}); check --data and the preprocessing") from None
+                samples += int(batch.shape[0])
+        seconds = time.perf_counter() - start
+    finally:
+        for h in hooks:
+            h.remove()
+        for _, m in sn_layers:
+            m.batch_stats_observer = None
+        for m, t in was_training.items():
+            m.train(t)
+        for p, r in requires_grad.items():
+            p.requires_grad_(r)
+
+    done = min((s.count for s in stats.values()), default=num_batches)
+    if stats and done < num_batches:
+        raise InputError(f"calibration got only {done} of {num_batches} batches from the data")
+    result = CalibrationResult(num_batches=num_batches, num_samples=samples, seconds=seconds)
+    for name, m in sn_layers + bn_layers:
+        mean, var = stats[name].result()
+        old_m = m.running_mean.detach().double().reshape(-1)
+        old_v = m.running_var.detach().double().reshape(-1)
+        with torch.no_grad():
+            m.running_mean.copy_(mean.reshape(m.running_mean.shape))
+            m.running_var.copy_(var.reshape(m.running_var.shape))
+        entry = LayerCalibration(
+            name=name, kind=type(m).__name__, batches=stats[name].count,
+            mean_abs_change_mean=float((mean - old_m).abs().mean()),
+            mean_abs_change_var=float((var - old_v).abs().mean()),
+        )
+        if isinstance(m, _SwitchNorm):
+            mw, vw = (w.detach().tolist() for w in m.mixing_weights())
+            entry.mean_weights = dict(zip(m.branch_names, mw))
+            entry.var_weights = dict(zip(m.branch_names, vw))
+        result.layers.append(entry)
+    return result
+
+
+def _progress(it, total: int, enabled: bool):
+    if not enabled:
+        yield from it
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("batches", total=total)
+        for item in it:
+            yield item
+            bar.advance(task)

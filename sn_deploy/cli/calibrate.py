@@ -1,0 +1,57 @@
+"""``sn-calibrate``: batch-average the BN-branch statistics of a checkpoint's SN layers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sn_deploy.cli.common import run_app
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def calibrate(
+    checkpoint: Path = typer.Argument(..., help="input checkpoint (.pth)"),
+    arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
+    data: str = typer.Option(..., "--data", help=".npy/.npz array (N,C,H,W) or an image folder"),
+    output: Path = typer.Option(..., "--output", "-o", help="calibrated checkpoint to write"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="B (recipe default 32)"),
+    num_batches: Optional[int] = typer.Option(None, "--num-batches",
+                                              help="K (recipe default 200, as the official code)"),
+    order: str = typer.Option("random", "--order", help="sequential | random"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random batch order"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe, see calibration/"),
+    precise_bn: bool = typer.Option(False, "--precise-bn",
+                                    help="also batch-average plain BatchNorm layers"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                      help="allow a pickled nn.Module (runs code from the file)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="per-layer JSON report"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    from sn_deploy.atomic import atomic_write
+    from sn_deploy.calibrate import calibrate_batch_average
+    from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
+    from sn_deploy.data import batches, load_recipe, open_source
+    from sn_deploy.pipeline import check_writable_dir
+
+    rec = load_recipe(recipe)
+    b = batch_size or rec.batch_size
+    k = num_batches or rec.num_batches
+    check_writable_dir(output.parent)
+    if report is not None:
+        check_writable_dir(report.parent)
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    source = open_source(data, preprocess=rec.preprocess)
+    result = calibrate_batch_average(loaded.model, batches(source, b, k, order=order, seed=seed),
+                                     k, precise_bn=precise_bn, progress=not quiet)
+    save_checkpoint_like(loaded, loaded.model, output)
+    if report is not None:
+        atomic_write(report, json.dumps(result.to_json(), indent=2))
+    typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} "
+               f"({result.images_per_second:.0f} images/s); wrote {output}")
+
+
+main = run_app(app)

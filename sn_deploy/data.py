@@ -1,0 +1,171 @@
+"""Calibration data: ``.npy``/``.npz`` arrays (N, C, …) and image folders, as float32 batches.
+
+Batch order matters for reproducibility: ``sequential`` takes batches 0..K−1 in file order;
+``random`` samples B·K distinct items with a seeded generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from sn_deploy.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Preprocess:
+    """Image preprocessing (ImageNet defaults): resize shorter side, center crop, normalize."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    channels: int = 3  # 3: RGB, 1: grayscale
+
+
+@dataclass
+class Recipe:
+    """A calibration recipe file (YAML): preprocessing and the default B and K."""
+
+    batch_size: int = 32
+    num_batches: int = 200
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+
+def load_recipe(path: Optional[str]) -> Recipe:
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"recipe '{path}' not found; see calibration/ for examples") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"recipe '{path}' must be a mapping of fields")
+    try:
+        pre = Preprocess(**(raw.get("preprocess") or {}))
+        return Recipe(batch_size=int(raw.get("batch_size", 32)),
+                      num_batches=int(raw.get("num_batches", 200)), preprocess=pre)
+    except TypeError as exc:
+        raise InputError(f"recipe '{path}': {exc}; see calibration/README.md") from None
+
+
+class ArraySource:
+    """Samples from a .npy / .npz array (memory-mapped for .npy)."""
+
+    def __init__(self, path: str):
+        file, key = path, ""
+        if ".npz:" in path:  # file.npz:array_name
+            file, _, key = path.rpartition(":")
+        p = Path(file)
+        if not p.is_file():
+            raise InputError(f"calibration data '{file}' not found; give a .npy/.npz file or an "
+                             "image folder")
+        try:
+            if p.suffix == ".npz":
+                archive = np.load(p, allow_pickle=False)
+                names = list(archive.files)
+                if key and key not in names:
+                    raise InputError(f"'{file}' has no array '{key}' (has {', '.join(names)})")
+                arr = archive[key or names[0]]
+            else:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"calibration data '{file}' is not a readable array ({exc})") from None
+        if arr.ndim < 2 or not np.issubdtype(arr.dtype, np.number):
+            raise InputError(f"calibration data '{file}' has shape {arr.shape} and dtype "
+                             f"{arr.dtype}; expected a numeric array (N, C, ...)")
+        self.array = arr
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        order = np.argsort(indices)  # memory-mapped reads in file order
+        out = np.empty((len(indices),) + self.array.shape[1:], np.float32)
+        out[order] = self.array[np.sort(indices)]
+        return out
+
+
+class ImageFolderSource:
+    """Images found recursively under a folder, preprocessed with PIL."""
+
+    def __init__(self, folder: str, pre: Preprocess):
+        root = Path(folder)
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{folder}'")
+        self.pre = pre
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.pre.channels, self.pre.crop, self.pre.crop)
+
+    def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        pre = self.pre
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB" if pre.channels == 3 else "L")
+                w, h = img.size
+                s = pre.resize / min(w, h)
+                img = img.resize((max(pre.crop, round(w * s)), max(pre.crop, round(h * s))),
+                                 Image.BILINEAR)
+                w, h = img.size
+                left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+                img = img.crop((left, top, left + pre.crop, top + pre.crop))
+                arr = np.asarray(img, np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read image '{path}' ({exc}); remove or fix it") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        mean = np.asarray(pre.mean, np.float32).reshape(-1, 1, 1)
+        std = np.asarray(pre.std, np.float32).reshape(-1, 1, 1)
+        return (arr - mean) / std
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self._load(self.files[i]) for i in indices])
+
+
+def open_source(path: str, recipe: Optional[str] = None, preprocess: Optional[Preprocess] = None):
+    """A data source for ``--data``: an array file or an image folder."""
+    if Path(path).is_dir():
+        return ImageFolderSource(path, preprocess or load_recipe(recipe).preprocess)
+    return ArraySource(path)
+
+
+def batches(source, batch_size: int, num_batches: int, order: str = "sequential",
+            seed: int = 0) -> Iterator[torch.Tensor]:
+    """K batches of B samples as float32 tensors; refuses too little data up front."""
+    if batch_size < 2:
+        raise InputError("--batch-size must be at least 2: BN statistics of one sample are "
+                         "undefined (unbiased variance)")
+    if num_batches < 1:
+        raise InputError("--num-batches must be at least 1")
+    need, have = batch_size * num_batches, len(source)
+    if have < need:
+        raise InputError(
+            f"calibration needs {batch_size} x {num_batches} = {need} samples but the data has "
+            f"{have}; lower --batch-size/--num-batches or add data"
+        )
+    if order == "sequential":
+        picked = np.arange(need)
+    elif order == "random":
+        picked = np.random.default_rng(seed).choice(have, size=need, replace=False)
+    else:
+        raise InputError(f"unknown --order '{order}': use sequential or random")
+    for k in range(num_batches):
+        yield torch.from_numpy(source.get(picked[k * batch_size:(k + 1) * batch_size]))

@@ -1,0 +1,194 @@
+"""ONNX Runtime sessions for all three model forms, with providers chosen by what is really there.
+
+* ``model.onnx`` (standard ops) runs as is.
+* ``model.sn.onnx`` needs the ``sn_deploy::SwitchableNorm`` kernel: it is served by an
+  onnxruntime-extensions Python custom op.  That bridge only passes scalar/string attributes and a
+  fixed input list, so the session is built from an in-memory copy whose SN nodes are rewritten to
+  ``ai.onnx.contrib::SwitchableNorm`` with the weight lists as strings and all five inputs present
+  (the file on disk is untouched).  The op computes with the compiled CPU kernel
+  (:mod:`sn_deploy.ops`) when it is built, else with the float64 reference.
+
+The CUDA provider is requested only when a CUDA driver and device are present, so CPU machines
+with onnxruntime-gpu see no provider-loading errors.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import onnx
+
+from sn_deploy import onnx_ops
+from sn_deploy.errors import InputError
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+_CONTRIB = "ai.onnx.contrib"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """CUDA devices visible through the driver API (0 without a driver): no CUDA toolkit needed."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = []
+    if cuda_device_count() > 0 and "CUDAExecutionProvider" in available:
+        providers.append("CUDAExecutionProvider")
+    return providers + ["CPUExecutionProvider"]
+
+
+def _load(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"ONNX model '{path}' not found; check the path")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for garbage
+        raise InputError(f"'{path}' is not a readable ONNX model ({type(exc).__name__}); "
+                         "re-export it with sn-export") from None
+
+
+def has_sn_nodes(model: onnx.ModelProto) -> bool:
+    return any(n.domain == onnx_ops.DOMAIN and n.op_type == onnx_ops.OP_TYPE
+               for n in model.graph.node)
+
+
+# --------------------------------------------------------------------------- the custom op
+def implementation() -> str:
+    """Which kernel backs the SwitchableNorm custom op in this process."""
+    try:
+        from sn_deploy import ops
+
+        if ops.available():
+            return "native-cpu"
+    except ImportError:
+        pass
+    return "reference"
+
+
+def _compute(x, scale, bias, running_mean, running_var, mean_weights, var_weights, eps, relu):
+    rm = running_mean if running_mean.size else None
+    rv = running_var if running_var.size else None
+    if implementation() == "native-cpu":
+        from sn_deploy import ops
+
+        return ops.switchable_norm_cpu(x, scale, bias, rm, rv, mean_weights, var_weights, eps,
+                                       relu=relu)
+    from sn_deploy import reference
+
+    y = reference.switchable_norm(x, scale, bias, mean_weights, var_weights, rm, rv, eps=eps,
+                                  relu=relu)
+    return y.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _register_pyop() -> None:
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    f = PyCustomOpDef.dt_float
+
+    @onnx_op(op_type="SwitchableNorm", inputs=[f, f, f, f, f], outputs=[f],
+             attrs={"epsilon": PyCustomOpDef.dt_float, "mean_weights": PyCustomOpDef.dt_string,
+                    "var_weights": PyCustomOpDef.dt_string, "relu": PyCustomOpDef.dt_int64})
+    def switchable_norm(x, scale, bias, running_mean, running_var, **attrs):
+        return _compute(
+            np.ascontiguousarray(x), scale, bias, running_mean, running_var,
+            np.asarray(json.loads(attrs["mean_weights"]), np.float32),
+            np.asarray(json.loads(attrs["var_weights"]), np.float32),
+            float(attrs["epsilon"]), bool(attrs.get("relu", 0)),
+        )
+
+
+def _for_pyop(model: onnx.ModelProto) -> onnx.ModelProto:
+    """In-memory copy with SN nodes in the form the Python custom-op bridge can call."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    empty = onnx.numpy_helper.from_array(np.zeros(0, np.float32), "sn_deploy.empty")
+    needs_empty = False
+    for node in model.graph.node:
+        if node.domain != onnx_ops.DOMAIN or node.op_type != onnx_ops.OP_TYPE:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        del node.attribute[:]
+        node.attribute.extend([
+            onnx.helper.make_attribute("epsilon", float(attrs.get("epsilon", 1e-5))),
+            onnx.helper.make_attribute("mean_weights", json.dumps(list(attrs["mean_weights"]))),
+            onnx.helper.make_attribute("var_weights", json.dumps(list(attrs["var_weights"]))),
+            onnx.helper.make_attribute("relu", int(attrs.get("relu", 0))),
+        ])
+        inputs = [i if i else "sn_deploy.empty" for i in node.input]
+        inputs += ["sn_deploy.empty"] * (5 - len(inputs))
+        needs_empty |= "sn_deploy.empty" in inputs
+        del node.input[:]
+        node.input.extend(inputs)
+        node.domain = _CONTRIB
+        del node.metadata_props[:]
+    if needs_empty:
+        model.graph.initializer.append(empty)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    opsets.pop(onnx_ops.DOMAIN, None)
+    opsets.setdefault(_CONTRIB, 1)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    return model
+
+
+# --------------------------------------------------------------------------- sessions
+def create_session(
+    model: ModelLike,
+    *,
+    threads: Optional[int] = None,
+    providers: Optional[list[str]] = None,
+    spinning: bool = False,
+):
+    """An InferenceSession for any of the model forms (custom op registered when needed)."""
+    import onnxruntime as ort
+
+    proto = _load(model)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if has_sn_nodes(proto):
+        from onnxruntime_extensions import get_library_path
+
+        _register_pyop()
+        opts.register_custom_ops_library(get_library_path())
+        proto = _for_pyop(proto)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+                                    providers=providers or default_providers())
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+def run(session, feeds: dict[str, np.ndarray], outputs: Optional[list[str]] = None
+        ) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def session_info(session) -> dict:
+    """Providers and the I/O signature, for logs and the server's metadata."""
+    io = lambda ts: [{"name": t.name, "shape": t.shape, "type": t.type} for t in ts]  # noqa: E731
+    return {"providers": session.get_providers(), "inputs": io(session.get_inputs()),
+            "outputs": io(session.get_outputs())}
