@@ -45,13 +45,13 @@ def _read(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle and "weights_only" in str(exc):
+        if not trust_pickle and "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"'{path}' holds pickled Python objects (e.g. a whole nn.Module), which can run "
                 "code when loaded; re-save it as a state_dict, or pass --trust-pickle if you trust "
                 "its source"
             ) from None
-        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint (unpickling failed)") from None
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({first})") from None

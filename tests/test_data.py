@@ -1,0 +1,78 @@
+"""Calibration data sources and their errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sn_deploy.data import ArraySource, Preprocess, batches, load_recipe, open_source
+from sn_deploy.errors import InputError
+
+
+def test_npz_with_key(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.zeros((4, 1, 2, 2)), b=np.ones((6, 3, 2, 2)))
+    assert len(open_source(str(tmp_path / "d.npz"))) == 4
+    src = open_source(f"{tmp_path / 'd.npz'}:b")
+    assert len(src) == 6 and src.sample_shape() == (3, 2, 2)
+    with pytest.raises(InputError, match="has no array 'c'"):
+        open_source(f"{tmp_path / 'd.npz'}:c")
+
+
+def test_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+            tmp_path / f"c{i % 2}" / f"{i}.png")
+    src = open_source(str(tmp_path), preprocess=Preprocess(resize=32, crop=24))
+    assert len(src) == 3
+    (batch,) = list(batches(src, 3, 1))
+    assert batch.shape == (3, 3, 24, 24) and batch.dtype.is_floating_point
+    assert abs(float(batch.mean())) < 2.5  # normalized
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: None, "not found"),
+    (lambda p: p.write_text("nope"), "not a readable array"),
+    (lambda p: np.save(p, np.zeros(5)), "expected a numeric array"),
+])
+def test_array_errors(make, match, tmp_path):
+    path = tmp_path / "d.npy"
+    make(path)
+    with pytest.raises(InputError, match=match):
+        ArraySource(str(path))
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="no images"):
+        open_source(str(tmp_path))
+
+
+def test_broken_image(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    src = open_source(str(tmp_path), preprocess=Preprocess(resize=8, crop=8))
+    with pytest.raises(InputError, match="cannot read image"):
+        next(batches(src, 2, 1)) if len(src) >= 2 else src.get(np.array([0]))
+
+
+def test_not_enough_samples(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((10, 1, 4, 4), np.float32))
+    src = ArraySource(str(tmp_path / "d.npy"))
+    with pytest.raises(InputError, match=r"needs 4 x 3 = 12 samples but the data has 10"):
+        next(batches(src, 4, 3))
+    with pytest.raises(InputError, match="at least 2"):
+        next(batches(src, 1, 3))
+    with pytest.raises(InputError, match="unknown --order"):
+        next(batches(src, 2, 2, order="shuffled"))
+
+
+def test_recipes_load():
+    r = load_recipe("calibration/digits.yaml")
+    assert (r.batch_size, r.num_batches, r.preprocess.channels) == (32, 40, 1)
+    assert load_recipe("calibration/imagenet.yaml").num_batches == 200
+
+
+def test_bad_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("batch_size: 4\npreprocess: {size: 3}\n")
+    with pytest.raises(InputError, match="recipe"):
+        load_recipe(str(tmp_path / "r.yaml"))
