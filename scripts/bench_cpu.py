@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sn_deploy import ops  # noqa: E402
-from sn_deploy.export import export_sn_onnx  # noqa: E402
+from sn_deploy.export import _quiet_exporter, export_sn_onnx  # noqa: E402
 from sn_deploy.models import build_model  # noqa: E402
 from sn_deploy.nn import SwitchNorm2d, switch_norm_layers  # noqa: E402
 from sn_deploy.passes.decompose import decompose_model  # noqa: E402
@@ -72,11 +71,10 @@ def _fold_bn(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _plain_export(model: torch.nn.Module, shape) -> onnx.ModelProto:
-    import contextlib
-    import io
+    """torch.onnx's own lowering of the model (SN becomes whatever ops its forward traces to)."""
     import warnings
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         return torch.onnx.export(model, (torch.randn(shape),), dynamo=True, opset_version=18,
                                  input_names=["input"]).model_proto
@@ -129,6 +127,15 @@ def _single_sn_model(shape) -> onnx.ModelProto:
     return decompose_model(export_sn_onnx(layer, shape))
 
 
+def _native_ops():
+    """The compiled CPU kernel, when it is built (issue: native kernels)."""
+    try:
+        from sn_deploy import ops
+    except ImportError:
+        return None
+    return ops if ops.available() else None
+
+
 def bench_single_layer(repeats: int, threads: int) -> list[dict]:
     results = []
     for shape in ((8, 64, 56, 56), (16, 64, 112, 112)):
@@ -138,7 +145,8 @@ def bench_single_layer(repeats: int, threads: int) -> list[dict]:
             "copy": lambda: np.copyto(buf, x),
             "sn_decomposed_ort": _session_runner(_single_sn_model(shape), x, threads),
         }
-        if ops.available():
+        ops = _native_ops()
+        if ops is not None:
             c = shape[1]
             one, zero = np.ones(c, np.float32), np.zeros(c, np.float32)
             w = np.array([0.3, 0.3, 0.4], np.float32)

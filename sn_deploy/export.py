@@ -202,8 +202,9 @@ def _torch_export(model: nn.Module, shape, dynamic_batch, dynamic_spatial, opset
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporter prints progress lines and warnings; users get our own output instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
-                                              "onnxscript", "torch.fx.experimental")]
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export",
+             "torch._dynamo", "onnxscript", "torch.fx.experimental")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
