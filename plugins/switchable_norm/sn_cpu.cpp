@@ -1,0 +1,208 @@
+// CPU back end of the Switchable Normalization kernels: one pass over each plane for the moments
+// (chunks of CHUNK elements: float sums over an L1-resident chunk, Chan-merged in double), an
+// O(N*C) combination in double, and one fused pass y = (x - s) * A + B (+ ReLU).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sn_kernels.h"
+#include "sn_math.h"
+
+namespace {
+
+constexpr int64_t CHUNK = 512;
+
+constexpr int LANES = 16;  // independent accumulators: hides the add latency, 4 SSE / 2 AVX regs
+
+// A chunk as floats: the input itself for float32, decoded into scratch for float16.
+inline const float* as_float(const float* src, float*, int64_t) { return src; }
+inline const float* as_float(const uint16_t* src, float* scratch, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) scratch[i] = sn::half_to_float(src[i]);
+  return scratch;
+}
+inline float first_value(const float* x) { return x[0]; }
+inline float first_value(const uint16_t* x) { return sn::half_to_float(x[0]); }
+
+// sum of (v[i] - c) and of (v[i] - c)^2 with LANES independent partial sums
+inline float lane_sum(const float* v, int64_t n, float c) {
+  float acc[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int k = 0; k < LANES; ++k) acc[k] += v[i + k] - c;
+  float s = 0.f;
+  for (; i < n; ++i) s += v[i] - c;
+  for (int k = 0; k < LANES; ++k) s += acc[k];
+  return s;
+}
+inline float lane_sum_sq(const float* v, int64_t n, float c) {
+  float acc[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int k = 0; k < LANES; ++k) {
+      const float d = v[i + k] - c;
+      acc[k] += d * d;
+    }
+  float s = 0.f;
+  for (; i < n; ++i) s += (v[i] - c) * (v[i] - c);
+  for (int k = 0; k < LANES; ++k) s += acc[k];
+  return s;
+}
+
+// Moments of one contiguous run about its first value: per chunk (L1-resident) the mean of the
+// deviations, then their centred sum of squares, Chan-merged across chunks in double.
+template <typename T>
+sn::MomentsD run_moments(const T* x, int64_t len, float shift, float* scratch) {
+  sn::MomentsD m{0.0, 0.0, 0.0};
+  for (int64_t start = 0; start < len; start += CHUNK) {
+    const int64_t n = std::min(CHUNK, len - start);
+    const float* v = as_float(x + start, scratch, n);
+    const float mean = lane_sum(v, n, shift) / (float)n;  // x - shift is exact near the shift
+    const float m2 = lane_sum_sq(v, n, shift + mean);
+    m = sn::chan_merge_d(m, mean, m2, (double)n);
+  }
+  m.mean += shift;  // mean of x in double; m2 is shift-free
+  return m;
+}
+
+inline void apply_chunk(const float* v, float* out, int64_t n, const sn::Affine& t, bool relu) {
+  const float s = t.shift, a = t.a, b = t.b;
+  if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = std::max((v[i] - s) * a + b, 0.f);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = (v[i] - s) * a + b;
+  }
+}
+
+void apply_run(const float* x, float* y, int64_t len, const sn::Affine& t, bool relu, float*) {
+  apply_chunk(x, y, len, t, relu);
+}
+
+void apply_run(const uint16_t* x, uint16_t* y, int64_t len, const sn::Affine& t, bool relu,
+               float* scratch) {
+  for (int64_t start = 0; start < len; start += CHUNK) {
+    const int64_t n = std::min(CHUNK, len - start);
+    apply_chunk(as_float(x + start, scratch, n), scratch, n, t, relu);
+    for (int64_t i = 0; i < n; ++i) y[start + i] = sn::float_to_half(scratch[i]);
+  }
+}
+
+int validate(const SnParams* p) {
+  if (!p || p->N < 1 || p->C < 1 || p->L < 1 || !p->scale || !p->bias) return SN_ERR_INVALID_ARGUMENT;
+  if (p->rank2 && (!p->using_bn || p->L != 1)) return SN_ERR_INVALID_ARGUMENT;
+  if (p->using_bn && (!p->running_mean || !p->running_var)) return SN_ERR_INVALID_ARGUMENT;
+  if (p->rank2 ? p->C == 1 : p->L == 1) return SN_ERR_DEGENERATE;  // unbiased var of 1 value
+  return SN_OK;
+}
+
+sn::Mixing mixing(const SnParams* p) {
+  sn::Mixing mx{};
+  if (p->rank2) {  // [LN, BN]: the LN statistics take the 'stat' slot
+    mx = {p->mean_w[0], 0.0, p->mean_w[1], p->var_w[0], 0.0, p->var_w[1], p->eps};
+  } else {
+    mx = {p->mean_w[0], p->mean_w[1], p->using_bn ? p->mean_w[2] : 0.0,
+          p->var_w[0], p->var_w[1], p->using_bn ? p->var_w[2] : 0.0, p->eps};
+  }
+  return mx;
+}
+
+template <typename T>
+int forward(const SnParams* p, const T* x, T* y, int num_threads) {
+  if (const int err = validate(p)) return err;
+  if (!x || !y) return SN_ERR_INVALID_ARGUMENT;
+  const int64_t N = p->N, C = p->C, L = p->L;
+  const bool rank2 = p->rank2 != 0, relu = p->relu != 0;
+  const int64_t runs = rank2 ? N : N * C;       // runs the moments are taken over
+  const int64_t run_len = rank2 ? C : L;
+  std::vector<double> mean(runs), var(runs);
+  std::vector<float> shift(runs);
+  std::vector<sn::Affine> terms(N * C);
+  const sn::Mixing mx = mixing(p);
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const bool par = N * C * L >= 32768;  // below this, thread start-up costs more than it saves
+#else
+  (void)num_threads;
+#endif
+
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    std::vector<float> scratch(std::max<int64_t>(CHUNK, rank2 ? C : 0));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < runs; ++r) {
+      const T* xr = x + r * run_len;
+      const float s = first_value(xr);
+      const sn::MomentsD m = run_moments(xr, run_len, s, scratch.data());
+      shift[r] = s;
+      mean[r] = m.mean;
+      var[r] = m.m2 / (m.count - 1.0);  // unbiased
+    }
+
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      if (rank2) {  // per-row LN moments; BN from running stats
+        for (int64_t c = 0; c < C; ++c) {
+          terms[n * C + c] = sn::affine_terms(shift[n], mean[n], var[n], 0.0, 0.0,
+                                              p->running_mean[c], p->running_var[c], p->scale[c],
+                                              p->bias[c], mx);
+        }
+        continue;
+      }
+      double mean_ln = 0.0, var_mean = 0.0, spread = 0.0;
+      for (int64_t c = 0; c < C; ++c) mean_ln += mean[n * C + c];
+      mean_ln /= (double)C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = mean[n * C + c] - mean_ln;
+        var_mean += var[n * C + c];
+        spread += d * d;
+      }
+      const double var_ln = (var_mean + spread) / (double)C;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = n * C + c;
+        terms[i] = sn::affine_terms(shift[i], mean[i], var[i], mean_ln, var_ln,
+                                    p->using_bn ? p->running_mean[c] : 0.0,
+                                    p->using_bn ? p->running_var[c] : 0.0, p->scale[c], p->bias[c],
+                                    mx);
+      }
+    }
+
+    if (rank2) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const float* v = as_float(x + n * C, scratch.data(), C);
+        for (int64_t c = 0; c < C; ++c) {
+          const float out = sn::apply(v[c], terms[n * C + c], relu);
+          if constexpr (sizeof(T) == 4) {
+            y[n * C + c] = out;
+          } else {
+            y[n * C + c] = sn::float_to_half(out);
+          }
+        }
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < runs; ++r)
+        apply_run(x + r * L, y + r * L, L, terms[r], relu, scratch.data());
+    }
+  }
+  return SN_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int sn_forward_cpu_f32(const SnParams* p, const float* x, float* y, int num_threads) {
+  return forward(p, x, y, num_threads);
+}
+
+int sn_forward_cpu_f16(const SnParams* p, const uint16_t* x, uint16_t* y, int num_threads) {
+  return forward(p, x, y, num_threads);
+}
+
+}  // extern "C"
