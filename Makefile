@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The native kernels (CPU always; CUDA when nvcc is found; TensorRT plugin when headers are found).
+# TensorRT headers: yours via TENSORRT_INCLUDE_DIR, else TensorRT 10.14's from a small PyPI wheel.
+TENSORRT_INCLUDE_DIR ?= $(shell $(PY) scripts/trt_headers.py build/tensorrt-headers 2>/dev/null)
+
 plugins: setup
-	@if [ -f plugins/CMakeLists.txt ]; then \
-	  cmake -S plugins -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS) && cmake --build $(BUILD) -j2; \
-	fi
+	cmake -S plugins -B $(BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR)) $(CMAKE_ARGS)
+	cmake --build $(BUILD) -j2
 
 demo: setup plugins
 	$(PY) scripts/demo.py --output-dir demo_out

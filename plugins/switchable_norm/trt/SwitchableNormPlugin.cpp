@@ -1,0 +1,308 @@
+// SwitchableNorm_TRT: translates TensorRT calls into calls of the shared kernels (sn_kernels.h).
+#include "SwitchableNormPlugin.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "sn_kernels.h"
+
+using namespace nvinfer1;
+
+namespace sn_trt {
+namespace {
+
+std::mutex gLoggerMutex;
+ILoggerFinder* gLoggerFinder = nullptr;
+
+void logError(std::string const& msg) noexcept {
+  std::lock_guard<std::mutex> lock(gLoggerMutex);
+  ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
+  if (logger) logger->log(ILogger::Severity::kERROR, (std::string(kPluginName) + ": " + msg).c_str());
+}
+
+int64_t volumeFrom(Dims const& d, int32_t first) {
+  int64_t v = 1;
+  for (int32_t i = first; i < d.nbDims; ++i) v *= d.d[i];
+  return v;
+}
+
+PluginField floats(char const* name, std::vector<float> const& v) {
+  return PluginField{name, v.empty() ? nullptr : v.data(), PluginFieldType::kFLOAT32,
+                     static_cast<int32_t>(v.size())};
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ fields
+std::string parseFields(PluginFieldCollection const* fc, SnFields& out) {
+  if (fc == nullptr) return "no plugin fields";
+  for (int32_t i = 0; i < fc->nbFields; ++i) {
+    PluginField const& f = fc->fields[i];
+    if (f.name == nullptr || f.data == nullptr) continue;
+    std::string const name(f.name);
+    auto asFloats = [&](std::vector<float>& dst) -> bool {
+      if (f.type == PluginFieldType::kFLOAT32) {
+        auto p = static_cast<float const*>(f.data);
+        dst.assign(p, p + f.length);
+      } else if (f.type == PluginFieldType::kFLOAT64) {
+        auto p = static_cast<double const*>(f.data);
+        dst.assign(p, p + f.length);
+      } else {
+        return false;
+      }
+      return true;
+    };
+    auto asInt = [&](int32_t& dst) -> bool {
+      if (f.type == PluginFieldType::kINT32) dst = *static_cast<int32_t const*>(f.data);
+      else if (f.type == PluginFieldType::kINT64) dst = static_cast<int32_t>(*static_cast<int64_t const*>(f.data));
+      else return false;
+      return true;
+    };
+    bool ok = true;
+    if (name == "epsilon") {
+      std::vector<float> e;
+      ok = asFloats(e) && e.size() == 1;
+      if (ok) out.epsilon = e[0];
+    } else if (name == "mean_weights") ok = asFloats(out.mean_weights);
+    else if (name == "var_weights") ok = asFloats(out.var_weights);
+    else if (name == "scale") ok = asFloats(out.scale);
+    else if (name == "bias") ok = asFloats(out.bias);
+    else if (name == "running_mean") ok = asFloats(out.running_mean);
+    else if (name == "running_var") ok = asFloats(out.running_var);
+    else if (name == "relu") ok = asInt(out.relu);
+    else if (name == "rank2") ok = asInt(out.rank2);
+    if (!ok) return "field '" + name + "' has an unexpected type or length";
+  }
+  size_t const C = out.scale.size();
+  bool const usingBn = !out.running_mean.empty();
+  size_t const nw = out.mean_weights.size();
+  if (C == 0 || out.bias.size() != C) return "scale and bias must be non-empty and of equal length";
+  if (usingBn && (out.running_mean.size() != C || out.running_var.size() != C))
+    return "running_mean and running_var must have C entries";
+  if (!usingBn && !out.running_var.empty()) return "running_var given without running_mean";
+  if (nw != out.var_weights.size() || nw != ((out.rank2 || !usingBn) ? 2u : 3u))
+    return "mean_weights/var_weights must have 3 entries with running stats (2 without, or for rank-2 input)";
+  if (out.rank2 && !usingBn) return "rank-2 (SwitchNorm1d) layers need running statistics";
+  return {};
+}
+
+// ------------------------------------------------------------------ plugin
+SwitchableNormPlugin::SwitchableNormPlugin(SnFields fields) : mFields(std::move(fields)) {}
+
+SwitchableNormPlugin::SwitchableNormPlugin(SwitchableNormPlugin const& other)
+    : IPluginV3(other), IPluginV3OneCore(other), IPluginV3OneBuild(other), IPluginV3OneRuntime(other),
+      mFields(other.mFields) {}
+
+SwitchableNormPlugin::~SwitchableNormPlugin() { releaseWeights(); }
+
+IPluginCapability* SwitchableNormPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
+  switch (type) {
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+  }
+  return nullptr;
+}
+
+IPluginV3* SwitchableNormPlugin::clone() noexcept {
+  try {
+    return new SwitchableNormPlugin(*this);
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int32_t SwitchableNormPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                              DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
+  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  Dims const& d = in[0].desc.dims;
+  if (d.nbDims < 2 || (mFields.rank2 != 0) != (d.nbDims == 2)) {
+    logError("input rank does not match the plugin's rank2 field");
+    return -1;
+  }
+  if (d.d[1] != -1 && d.d[1] != static_cast<int64_t>(mFields.scale.size())) {
+    logError("input channels differ from the length of scale");
+    return -1;
+  }
+  return 0;
+}
+
+int32_t SwitchableNormPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
+                                                 DataType const* inputTypes, int32_t nbInputs) const noexcept {
+  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  outputTypes[0] = inputTypes[0];
+  return 0;
+}
+
+int32_t SwitchableNormPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*,
+                                              int32_t, DimsExprs* outputs, int32_t nbOutputs,
+                                              IExprBuilder&) noexcept {
+  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  outputs[0] = inputs[0];
+  return 0;
+}
+
+bool SwitchableNormPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
+                                                     int32_t nbInputs, int32_t nbOutputs) noexcept {
+  if (nbInputs != 1 || nbOutputs != 1 || pos < 0 || pos > 1) return false;
+  PluginTensorDesc const& d = inOut[pos].desc;
+  bool const linear = d.format == TensorFormat::kLINEAR;
+  if (pos == 0) return linear && (d.type == DataType::kFLOAT || d.type == DataType::kHALF);
+  return linear && d.type == inOut[0].desc.type;
+}
+
+size_t SwitchableNormPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t,
+                                              DynamicPluginTensorDesc const*, int32_t) const noexcept {
+  Dims const& mx = inputs[0].max;  // the kernels' workspace only grows with the dimensions
+  int64_t const N = mx.d[0], C = mx.d[1];
+  int64_t const L = mFields.rank2 ? 1 : volumeFrom(mx, 2);
+  return sn_cuda_workspace_size(N, C, L);
+}
+
+bool SwitchableNormPlugin::uploadWeights() noexcept {
+  if (mDevice != nullptr) return true;
+  size_t const C = mFields.scale.size();
+  size_t const blocks = mFields.running_mean.empty() ? 2 : 4;
+  if (cudaMalloc(reinterpret_cast<void**>(&mDevice), blocks * C * sizeof(float)) != cudaSuccess) {
+    mDevice = nullptr;
+    return false;
+  }
+  std::vector<float> host;
+  host.reserve(blocks * C);
+  for (auto const* v : {&mFields.scale, &mFields.bias, &mFields.running_mean, &mFields.running_var})
+    host.insert(host.end(), v->begin(), v->end());
+  return cudaMemcpy(mDevice, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess;
+}
+
+void SwitchableNormPlugin::releaseWeights() noexcept {
+  if (mDevice != nullptr) cudaFree(mDevice);
+  mDevice = nullptr;
+}
+
+int32_t SwitchableNormPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
+                                            int32_t nbOutputs) noexcept {
+  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  if (in[0].dims.d[1] != static_cast<int64_t>(mFields.scale.size())) return -1;
+  if (!uploadWeights()) {
+    logError("cannot copy the per-channel weights to the GPU");
+    return -1;
+  }
+  return 0;
+}
+
+int32_t SwitchableNormPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+                                      void const* const* inputs, void* const* outputs, void* workspace,
+                                      cudaStream_t stream) noexcept {
+  if (!uploadWeights()) {
+    logError("cannot copy the per-channel weights to the GPU");
+    return -1;
+  }
+  Dims const& d = inputDesc[0].dims;
+  size_t const C = mFields.scale.size();
+  bool const usingBn = !mFields.running_mean.empty();
+  SnParams p{};
+  p.N = d.d[0];
+  p.C = d.d[1];
+  p.L = mFields.rank2 ? 1 : volumeFrom(d, 2);
+  p.rank2 = mFields.rank2;
+  p.using_bn = usingBn ? 1 : 0;
+  for (size_t i = 0; i < mFields.mean_weights.size() && i < 3; ++i) {
+    p.mean_w[i] = mFields.mean_weights[i];
+    p.var_w[i] = mFields.var_weights[i];
+  }
+  p.eps = mFields.epsilon;
+  p.relu = mFields.relu;
+  p.scale = mDevice;
+  p.bias = mDevice + C;
+  p.running_mean = usingBn ? mDevice + 2 * C : nullptr;
+  p.running_var = usingBn ? mDevice + 3 * C : nullptr;
+  int const dtype = inputDesc[0].type == DataType::kHALF ? 1 : 0;
+  int const status = sn_forward_cuda(&p, dtype, inputs[0], outputs[0], workspace, stream);
+  if (status != SN_OK) {
+    logError(sn_error_string(status));
+    return -1;
+  }
+  return 0;
+}
+
+IPluginV3* SwitchableNormPlugin::attachToContext(IPluginResourceContext*) noexcept { return clone(); }
+
+PluginFieldCollection const* SwitchableNormPlugin::getFieldsToSerialize() noexcept {
+  mSerialized.clear();
+  mSerialized.push_back(PluginField{"epsilon", &mFields.epsilon, PluginFieldType::kFLOAT32, 1});
+  mSerialized.push_back(floats("mean_weights", mFields.mean_weights));
+  mSerialized.push_back(floats("var_weights", mFields.var_weights));
+  mSerialized.push_back(PluginField{"relu", &mFields.relu, PluginFieldType::kINT32, 1});
+  mSerialized.push_back(PluginField{"rank2", &mFields.rank2, PluginFieldType::kINT32, 1});
+  mSerialized.push_back(floats("scale", mFields.scale));
+  mSerialized.push_back(floats("bias", mFields.bias));
+  if (!mFields.running_mean.empty()) {
+    mSerialized.push_back(floats("running_mean", mFields.running_mean));
+    mSerialized.push_back(floats("running_var", mFields.running_var));
+  }
+  mSerializedCollection.nbFields = static_cast<int32_t>(mSerialized.size());
+  mSerializedCollection.fields = mSerialized.data();
+  return &mSerializedCollection;
+}
+
+// ------------------------------------------------------------------ creator
+SwitchableNormPluginCreator::SwitchableNormPluginCreator() {
+  mFieldNames = {
+      PluginField{"epsilon", nullptr, PluginFieldType::kFLOAT32, 1},
+      PluginField{"mean_weights", nullptr, PluginFieldType::kFLOAT32, 0},
+      PluginField{"var_weights", nullptr, PluginFieldType::kFLOAT32, 0},
+      PluginField{"relu", nullptr, PluginFieldType::kINT32, 1},
+      PluginField{"rank2", nullptr, PluginFieldType::kINT32, 1},
+      PluginField{"scale", nullptr, PluginFieldType::kFLOAT32, 0},
+      PluginField{"bias", nullptr, PluginFieldType::kFLOAT32, 0},
+      PluginField{"running_mean", nullptr, PluginFieldType::kFLOAT32, 0},
+      PluginField{"running_var", nullptr, PluginFieldType::kFLOAT32, 0},
+  };
+  mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+  mFieldCollection.fields = mFieldNames.data();
+}
+
+IPluginV3* SwitchableNormPluginCreator::createPlugin(char const* name, PluginFieldCollection const* fc,
+                                                     TensorRTPhase) noexcept {
+  try {
+    SnFields fields;
+    std::string const problem = parseFields(fc, fields);
+    if (!problem.empty()) {
+      logError(std::string(name ? name : "?") + ": " + problem);
+      return nullptr;
+    }
+    return new SwitchableNormPlugin(std::move(fields));
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+}  // namespace sn_trt
+
+// ------------------------------------------------------------------ library entry points
+// trtexec --dynamicPlugins / IPluginRegistry::loadLibrary call these two.
+extern "C" {
+
+__attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
+  std::lock_guard<std::mutex> lock(sn_trt::gLoggerMutex);
+  sn_trt::gLoggerFinder = finder;
+}
+
+__attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+  static sn_trt::SwitchableNormPluginCreator creator;
+  static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
+  nbCreators = 1;
+  return creators;
+}
+
+}  // extern "C"
+
+#ifdef SN_TRT_STATIC_REGISTRATION
+// libsn_trt_plugin_preload.so: registers at load time, for LD_PRELOAD and Triton's
+// `--backend-config=tensorrt,plugins=...` (dlopen). Not for loadLibrary, which registers the
+// creators returned by getCreators itself.
+using SwitchableNormPluginCreator = sn_trt::SwitchableNormPluginCreator;
+REGISTER_TENSORRT_PLUGIN(SwitchableNormPluginCreator);
+#endif

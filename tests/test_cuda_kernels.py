@@ -1,0 +1,127 @@
+"""The CUDA kernels: compiled here (nvcc), exercised on a GPU where one is present (marked gpu)."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sn_deploy import ops, reference as R
+
+ROOT = Path(__file__).resolve().parents[1]
+CU = ROOT / "plugins" / "switchable_norm" / "sn_cuda.cu"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_compiles_for_sm90_without_warnings(tmp_path):
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC",
+                           "-Werror", "all-warnings", "-c", str(CU), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch missing"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if not ops.library_path("sn_cuda").is_file():
+        return "libsn_cuda.so not built (make plugins)"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+
+
+def run_cuda(x, p, relu=False):
+    """Run libsn_cuda.so on torch CUDA tensors through ctypes."""
+    import torch
+
+    lib = ctypes.CDLL(str(ops.library_path("sn_cuda")))
+    lib.sn_forward_cuda.restype = ctypes.c_int
+    lib.sn_cuda_workspace_size.restype = ctypes.c_size_t
+    lib.sn_cuda_workspace_size.argtypes = [ctypes.c_int64] * 3
+    dev = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, np.float32)).cuda()  # noqa: E731
+    tensors = {k: dev(p[k]) for k in ("scale", "bias", "running_mean", "running_var")}
+    params, _ = ops.make_params(x.shape, p["scale"], p["bias"], p["running_mean"], p["running_var"],
+                                p["mean_weights"], p["var_weights"], 1e-5, relu)
+    for k, t in tensors.items():
+        setattr(params, k, None if t is None else t.data_ptr())
+    xt = torch.from_numpy(x).cuda()
+    yt = torch.empty_like(xt)
+    L = params.L if not params.rank2 else 1
+    ws = torch.empty(lib.sn_cuda_workspace_size(params.N, params.C, L), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    dtype = 1 if x.dtype == np.float16 else 0
+    code = lib.sn_forward_cuda(ctypes.byref(params), dtype, ctypes.c_void_p(xt.data_ptr()),
+                               ctypes.c_void_p(yt.data_ptr()), ctypes.c_void_p(ws.data_ptr()),
+                               ctypes.c_void_p(stream))
+    torch.cuda.synchronize()
+    if code != 0:
+        raise ValueError(f"sn_forward_cuda returned {code}")
+    return yt.cpu().numpy()
+
+
+def params(C, nw, using_bn, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(scale=rng.normal(1, 0.2, C), bias=rng.normal(0, 0.2, C),
+                running_mean=rng.normal(0, 1, C) if using_bn else None,
+                running_var=rng.uniform(0.5, 2, C) if using_bn else None,
+                mean_weights=R.softmax(rng.normal(size=nw)), var_weights=R.softmax(rng.normal(size=nw)))
+
+
+def ref(x, p, relu=False):
+    f32 = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
+    return R.switchable_norm(x.astype(np.float64), f32(p["scale"]), f32(p["bias"]),
+                             f32(p["mean_weights"]), f32(p["var_weights"]), f32(p["running_mean"]),
+                             f32(p["running_var"]), relu=relu)
+
+
+CASES = [((2, 5, 7, 11), True), ((1, 64, 56, 56), True), ((8, 3, 300, 301), True),
+         ((3, 4, 6, 6), False), ((2, 3, 3, 4, 5), True), ((16, 7), True), ((4, 2048), True)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape,using_bn", CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_fp32_matches_reference(shape, using_bn, relu):
+    nw = 2 if (len(shape) == 2 or not using_bn) else 3
+    p = params(shape[1], nw, using_bn)
+    x = np.random.default_rng(1).normal(0.5, 2, size=shape).astype(np.float32)
+    np.testing.assert_allclose(run_cuda(x, p, relu), ref(x, p, relu), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(2, 8, 32, 32), (4, 16)])
+def test_offset_inputs(shape):
+    p = params(shape[1], 3 if len(shape) > 2 else 2, True)
+    x = (1000 + np.random.default_rng(2).normal(size=shape)).astype(np.float32)
+    expected = ref(x, p)
+    np.testing.assert_allclose(run_cuda(x, p), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp16_and_large_values():
+    p = params(4, 3, True)
+    x = (6.0e4 + 50 * np.random.default_rng(3).normal(size=(2, 4, 16, 16))).astype(np.float16)
+    y = run_cuda(x, p)
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+    np.testing.assert_allclose(y.astype(np.float64), ref(x, p), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_deterministic_and_degenerate():
+    p = params(32, 3, True)
+    x = np.random.default_rng(4).normal(size=(8, 32, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run_cuda(x, p), run_cuda(x, p))
+    with pytest.raises(ValueError, match="returned 2"):
+        run_cuda(np.ones((2, 32, 1, 1), np.float32), p)
