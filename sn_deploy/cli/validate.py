@@ -33,7 +33,10 @@ def _input_shape_from_onnx(path: Path, batch: int) -> tuple[int, ...]:
 def validate(
     checkpoint: Path = typer.Argument(..., help="checkpoint (.pth) of the PyTorch reference"),
     arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
-    onnx_models: List[Path] = typer.Option(..., "--onnx", help="ONNX model (repeatable)"),
+    onnx_models: List[Path] = typer.Option([], "--onnx", help="ONNX model (repeatable)"),
+    engines: List[Path] = typer.Option([], "--engine", help="TensorRT engine (repeatable)"),
+    plugin_lib: Optional[Path] = typer.Option(None, "--plugin-lib",
+                                              help="libsn_trt_plugin.so, with --engine"),
     inputs: str = typer.Option("random", "--inputs", help="random | FILE.npy"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape",
                                               help="default: the ONNX input shape"),
@@ -53,14 +56,28 @@ def validate(
     from sn_deploy.validate import make_inputs
     from sn_deploy.validate import validate as run_validation
 
-    for p in onnx_models:
+    if not onnx_models and not engines:
+        fail("nothing to compare: give --onnx MODEL and/or --engine PLAN")
+    for p in list(onnx_models) + list(engines):
         if not p.is_file():
-            fail(f"ONNX model '{p}' not found; check --onnx")
-    shape = parse_shape(input_shape) if input_shape else _input_shape_from_onnx(onnx_models[0], batch)
+            fail(f"'{p}' not found; check --onnx/--engine")
+    runners = []
+    if engines:
+        from sn_deploy.runtime.tensorrt import EngineRunner
+
+        if plugin_lib is None or not plugin_lib.is_file():
+            fail("--engine needs --plugin-lib pointing at libsn_trt_plugin.so")
+        runners = [EngineRunner(e, plugin_lib) for e in engines]
+    if input_shape:
+        shape = parse_shape(input_shape)
+    elif onnx_models:
+        shape = _input_shape_from_onnx(onnx_models[0], batch)
+    else:
+        fail("pass --input-shape when validating engines only")
     model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle).model
     x = make_inputs(inputs, shape, seed=seed)
     report = run_validation(model, onnx_models, x, atol=atol, rtol=rtol, per_layer=per_layer,
-                            threads=threads)
+                            threads=threads, extra_runners=runners)
     typer.echo(render_table(report))
     write_reports(report, json_out, html_out)
     if not report.passed:

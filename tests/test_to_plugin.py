@@ -1,0 +1,82 @@
+"""The TensorRT mapping pass: node form, fields, ReLU folding."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from sn_deploy.export import export_sn_onnx
+from sn_deploy.models import build_model
+from sn_deploy.passes.to_plugin import PLUGIN_DOMAIN, PLUGIN_OP, to_plugin_model
+from tests.conftest import randomize_sn
+from tests.test_decompose import sn_model
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _with_relu(model, extra_consumer=False):
+    g = model.graph
+    g.node.append(helper.make_node("Relu", ["l.output"], ["r"]))
+    outs = [helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 5, 7, 7])]
+    if extra_consumer:
+        g.node.append(helper.make_node("Neg", ["l.output"], ["n"]))
+        outs.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 5, 7, 7]))
+    del g.output[:]
+    g.output.extend(outs)
+    return model
+
+
+def test_fields_and_single_input():
+    model, p = sn_model((2, 5, 7, 7))
+    out = to_plugin_model(model)
+    (node,) = out.graph.node
+    assert node.op_type == PLUGIN_OP and node.domain == PLUGIN_DOMAIN
+    assert list(node.input) == ["X"] and list(node.output) == ["l.output"]
+    a = _attrs(node)
+    assert a["plugin_version"] == b"1" and a["plugin_namespace"] == b""
+    np.testing.assert_allclose(a["mean_weights"], p["mw"], rtol=1e-6)
+    np.testing.assert_allclose(a["var_weights"], p["vw"], rtol=1e-6)
+    assert a["relu"] == 0 and a["rank2"] == 0 and a["epsilon"] == pytest.approx(1e-5)
+    for k in ("scale", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a[k]), p[k])
+    assert not out.graph.initializer
+    assert all(o.domain != "sn_deploy" for o in out.opset_import)
+
+
+def test_using_bn_off_and_rank2():
+    model, _ = sn_model((2, 5, 7, 7), using_bn=False)
+    a = _attrs(to_plugin_model(model).graph.node[0])
+    assert "running_mean" not in a and len(a["mean_weights"]) == 2
+    model, _ = sn_model((4, 9))
+    a = _attrs(to_plugin_model(model).graph.node[0])
+    assert a["rank2"] == 1 and len(a["var_weights"]) == 2
+
+
+def test_relu_folded():
+    model, _ = sn_model((2, 5, 7, 7))
+    out = to_plugin_model(_with_relu(model))
+    (node,) = out.graph.node
+    assert _attrs(node)["relu"] == 1 and list(node.output) == ["r"]
+
+
+def test_relu_not_folded_with_other_consumers_or_when_disabled():
+    model, _ = sn_model((2, 5, 7, 7))
+    out = to_plugin_model(_with_relu(model, extra_consumer=True))
+    assert [n.op_type for n in out.graph.node].count("Relu") == 1
+    assert _attrs(out.graph.node[0])["relu"] == 0
+    model, _ = sn_model((2, 5, 7, 7))
+    out = to_plugin_model(_with_relu(model), fuse_relu=False)
+    assert "Relu" in [n.op_type for n in out.graph.node]
+
+
+def test_resnet_export_maps_every_layer():
+    model = randomize_sn(build_model("resnetv1sn18", num_classes=10))
+    out = to_plugin_model(export_sn_onnx(model, (1, 3, 64, 64)))
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count(PLUGIN_OP) == 20
+    # sn1 and every block's first SN are followed by their own ReLU: folded
+    folded = sum(_attrs(n)["relu"] for n in out.graph.node if n.op_type == PLUGIN_OP)
+    assert folded == 9
