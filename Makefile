@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 # The native kernels (CPU always; CUDA when nvcc is found; TensorRT plugin when headers are found).
 # TensorRT headers: yours via TENSORRT_INCLUDE_DIR, else TensorRT 10.14's from a small PyPI wheel.
 TENSORRT_INCLUDE_DIR ?= $(shell $(PY) scripts/trt_headers.py build/tensorrt-headers 2>/dev/null)
+# ONNX Runtime C++ API headers for libsn_ort_op.so: yours, else Debian's libonnxruntime-dev (API 21).
+ONNXRUNTIME_INCLUDE_DIR ?= $(shell scripts/ort_headers.sh build/ort-headers 2>/dev/null)
 
 plugins: setup
 	cmake -S plugins -B $(BUILD) -DCMAKE_BUILD_TYPE=Release \
-	  $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR)) $(CMAKE_ARGS)
+	  $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR)) \
+	  $(if $(ONNXRUNTIME_INCLUDE_DIR),-DONNXRUNTIME_INCLUDE_DIR=$(ONNXRUNTIME_INCLUDE_DIR)) $(CMAKE_ARGS)
 	cmake --build $(BUILD) -j2
 
 demo: setup plugins

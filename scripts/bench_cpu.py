@@ -27,7 +27,7 @@ from sn_deploy.export import _quiet_exporter, export_sn_onnx  # noqa: E402
 from sn_deploy.models import build_model  # noqa: E402
 from sn_deploy.nn import SwitchNorm2d, switch_norm_layers  # noqa: E402
 from sn_deploy.passes.decompose import decompose_model  # noqa: E402
-from sn_deploy.runtime.onnxruntime import create_session  # noqa: E402
+from sn_deploy.runtime.onnxruntime import create_session, native_op_library  # noqa: E402
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,11 +106,14 @@ def bench_resnet50(repeats: int, threads: int) -> list[dict]:
     for batch in (1, 8):
         shape = (batch, 3, 224, 224)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        sn_onnx = export_sn_onnx(sn_model, shape)
         forms = {
             "bn_folded": _plain_export(bn_model, shape),
             "sn_naive_export": _plain_export(sn_model, shape),
-            "sn_deploy": decompose_model(export_sn_onnx(sn_model, shape)),
+            "sn_deploy": decompose_model(sn_onnx),
         }
+        if native_op_library() is not None:
+            forms["sn_deploy_native_op"] = sn_onnx
         runners = {k: _session_runner(m, x, threads) for k, m in forms.items()}
         med = _time_alternating(runners, repeats)
         results.append({
@@ -124,7 +127,7 @@ def bench_resnet50(repeats: int, threads: int) -> list[dict]:
 def _single_sn_model(shape) -> onnx.ModelProto:
     layer = torch.nn.Sequential(SwitchNorm2d(shape[1]))
     _randomize(layer)
-    return decompose_model(export_sn_onnx(layer, shape))
+    return export_sn_onnx(layer, shape)
 
 
 def _native_ops():
@@ -141,17 +144,21 @@ def bench_single_layer(repeats: int, threads: int) -> list[dict]:
     for shape in ((8, 64, 56, 56), (16, 64, 112, 112)):
         x = np.random.default_rng(0).normal(1.0, 2.0, size=shape).astype(np.float32)
         buf = np.empty_like(x)
+        sn_onnx = _single_sn_model(shape)
         runners = {
             "copy": lambda: np.copyto(buf, x),
-            "sn_decomposed_ort": _session_runner(_single_sn_model(shape), x, threads),
+            "sn_decomposed_ort": _session_runner(decompose_model(sn_onnx), x, threads),
         }
+        if native_op_library() is not None:
+            runners["sn_native_op_ort"] = _session_runner(sn_onnx, x, threads)
         ops = _native_ops()
         if ops is not None:
             c = shape[1]
             one, zero = np.ones(c, np.float32), np.zeros(c, np.float32)
             w = np.array([0.3, 0.3, 0.4], np.float32)
+            y = np.empty_like(x)
             runners["sn_native_cpu_kernel"] = lambda: ops.switchable_norm_cpu(
-                x, one, zero, zero, one, w, w, 1e-5, num_threads=threads)
+                x, one, zero, zero, one, w, w, 1e-5, num_threads=threads, out=y)
         med = _time_alternating(runners, repeats)
         nbytes = x.nbytes
         results.append({
@@ -180,12 +187,10 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"ResNet-50 v1, ONNX Runtime CPU, {args.threads} threads, median of {args.repeats}")
-    print(f"{'batch':>5}  {'BN folded ms':>12}  {'SN naive ms':>11}  {'sn_deploy ms':>12}  "
-          f"{'naive/BN':>8}  {'sn_deploy/BN':>12}")
     for r in report["resnet50"]:
-        lat, rat = r["latency_ms"], r["ratio_vs_bn"]
-        print(f"{r['batch']:>5}  {lat['bn_folded']:>12.2f}  {lat['sn_naive_export']:>11.2f}  "
-              f"{lat['sn_deploy']:>12.2f}  {rat['sn_naive_export']:>8.2f}  {rat['sn_deploy']:>12.2f}")
+        parts = ", ".join(f"{k} {v:.2f} ms ({r['ratio_vs_bn'][k]:.2f}x)"
+                          for k, v in r["latency_ms"].items())
+        print(f"  batch {r['batch']}: {parts}")
     print("\nOne SN layer vs np.copyto into a preallocated buffer")
     for r in report["single_layer"]:
         parts = ", ".join(f"{k} {v:.3f} ms ({r['ratio_vs_copy'][k]:.2f}x)"

@@ -2,7 +2,6 @@
 // (chunks of CHUNK elements: float sums over an L1-resident chunk, Chan-merged in double), an
 // O(N*C) combination in double, and one fused pass y = (x - s) * A + B (+ ReLU).
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -12,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "sn_cpu_impl.h"
 #include "sn_kernels.h"
 #include "sn_math.h"
 
@@ -139,95 +139,145 @@ int validate(const SnParams* p) {
 }
 
 sn::Mixing mixing(const SnParams* p) {
-  sn::Mixing mx{};
-  if (p->rank2) {  // [LN, BN]: the LN statistics take the 'stat' slot
-    mx = {p->mean_w[0], 0.0, p->mean_w[1], p->var_w[0], 0.0, p->var_w[1], p->eps};
-  } else {
-    mx = {p->mean_w[0], p->mean_w[1], p->using_bn ? p->mean_w[2] : 0.0,
-          p->var_w[0], p->var_w[1], p->using_bn ? p->var_w[2] : 0.0, p->eps};
-  }
-  return mx;
+  if (p->rank2)  // [LN, BN]: the LN statistics take the 'stat' slot
+    return sn::Mixing{p->mean_w[0], 0.0, p->mean_w[1], p->var_w[0], 0.0, p->var_w[1], p->eps};
+  return sn::Mixing{p->mean_w[0], p->mean_w[1], p->using_bn ? p->mean_w[2] : 0.0,
+                    p->var_w[0], p->var_w[1], p->using_bn ? p->var_w[2] : 0.0, p->eps};
 }
 
 template <typename T>
-int forward(const SnParams* p, const T* x, T* y, int num_threads) {
-  if (const int err = validate(p)) return err;
-  if (!x || !y) return SN_ERR_INVALID_ARGUMENT;
-  const int64_t N = p->N, C = p->C, L = p->L;
-  const bool rank2 = p->rank2 != 0, relu = p->relu != 0;
-  const int64_t runs = rank2 ? N : N * C;       // runs the moments are taken over
-  const int64_t run_len = rank2 ? C : L;
-  std::vector<double> mean(runs), var(runs);
-  std::vector<float> shift(runs);
-  std::vector<sn::Affine> terms(N * C);
-  const sn::Mixing mx = mixing(p);
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const bool par = N * C * L >= 32768;  // below this, thread start-up costs more than it saves
-#else
-  (void)num_threads;
-#endif
+void moments_range(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
+  std::vector<float> scratch(std::max<int64_t>(CHUNK, pl.rank2 ? pl.p->C : 0));
+  const T* x = static_cast<const T*>(pl.x);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* xr = x + r * pl.run_len;
+    const float s = first_value(xr);
+    const sn::MomentsD m = run_moments(xr, pl.run_len, s, scratch.data());
+    pl.shift[r] = s;
+    pl.mean[r] = m.mean;
+    pl.var[r] = m.m2 / (m.count - 1.0);  // unbiased
+  }
+}
 
-#pragma omp parallel num_threads(threads) if (par)
-  {
-    std::vector<float> scratch(std::max<int64_t>(CHUNK, rank2 ? C : 0));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < runs; ++r) {
-      const T* xr = x + r * run_len;
-      const float s = first_value(xr);
-      const sn::MomentsD m = run_moments(xr, run_len, s, scratch.data());
-      shift[r] = s;
-      mean[r] = m.mean;
-      var[r] = m.m2 / (m.count - 1.0);  // unbiased
+template <typename T>
+void apply_range(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
+  const SnParams* p = pl.p;
+  const bool relu = p->relu != 0;
+  const T* x = static_cast<const T*>(pl.x);
+  T* y = static_cast<T*>(pl.y);
+  std::vector<float> scratch(std::max<int64_t>(CHUNK, pl.rank2 ? p->C : 0));
+  for (int64_t r = begin; r < end; ++r) {
+    if (!pl.rank2) {
+      apply_run(x + r * p->L, y + r * p->L, p->L, pl.terms[r], relu, scratch.data());
+      continue;
     }
-
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      if (rank2) {  // per-row LN moments; BN from running stats
-        for (int64_t c = 0; c < C; ++c) {
-          terms[n * C + c] = sn::affine_terms(shift[n], mean[n], var[n], 0.0, 0.0,
-                                              p->running_mean[c], p->running_var[c], p->scale[c],
-                                              p->bias[c], mx);
-        }
-        continue;
+    const int64_t C = p->C;  // rank 2: run r is row r, one affine term per element
+    const float* v = as_float(x + r * C, scratch.data(), C);
+    for (int64_t c = 0; c < C; ++c) {
+      const float out = sn::apply(v[c], pl.terms[r * C + c], relu);
+      if constexpr (sizeof(T) == 4) {
+        y[r * C + c] = out;
+      } else {
+        y[r * C + c] = sn::float_to_half(out);
       }
-      double mean_ln = 0.0, var_mean = 0.0, spread = 0.0;
-      for (int64_t c = 0; c < C; ++c) mean_ln += mean[n * C + c];
-      mean_ln /= (double)C;
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = mean[n * C + c] - mean_ln;
-        var_mean += var[n * C + c];
-        spread += d * d;
-      }
-      const double var_ln = (var_mean + spread) / (double)C;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = n * C + c;
-        terms[i] = sn::affine_terms(shift[i], mean[i], var[i], mean_ln, var_ln,
-                                    p->using_bn ? p->running_mean[c] : 0.0,
-                                    p->using_bn ? p->running_var[c] : 0.0, p->scale[c], p->bias[c],
-                                    mx);
-      }
-    }
-
-    if (rank2) {
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        const float* v = as_float(x + n * C, scratch.data(), C);
-        for (int64_t c = 0; c < C; ++c) {
-          const float out = sn::apply(v[c], terms[n * C + c], relu);
-          if constexpr (sizeof(T) == 4) {
-            y[n * C + c] = out;
-          } else {
-            y[n * C + c] = sn::float_to_half(out);
-          }
-        }
-      }
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < runs; ++r)
-        apply_run(x + r * L, y + r * L, L, terms[r], relu, scratch.data());
     }
   }
+}
+
+}  // namespace
+
+namespace sn_cpu {
+
+int prepare(Plan& pl, const SnParams* p, const void* x, void* y, bool half) {
+  if (const int err = validate(p)) return err;
+  if (!x || !y) return SN_ERR_INVALID_ARGUMENT;
+  pl.p = p;
+  pl.x = x;
+  pl.y = y;
+  pl.half = half;
+  pl.rank2 = p->rank2 != 0;
+  pl.runs = pl.rank2 ? p->N : p->N * p->C;
+  pl.run_len = pl.rank2 ? p->C : p->L;
+  pl.mean.assign(pl.runs, 0.0);
+  pl.var.assign(pl.runs, 0.0);
+  pl.shift.assign(pl.runs, 0.f);
+  pl.terms.assign(p->N * p->C, sn::Affine{0.f, 0.f, 0.f});
+  pl.mx = mixing(p);
+  return SN_OK;
+}
+
+void moments(Plan& pl, int64_t begin, int64_t end) {
+  pl.half ? moments_range<uint16_t>(pl, begin, end) : moments_range<float>(pl, begin, end);
+}
+
+void combine(Plan& pl, int64_t begin, int64_t end) {
+  const SnParams* p = pl.p;
+  const int64_t C = p->C;
+  for (int64_t n = begin; n < end; ++n) {
+    if (pl.rank2) {  // per-row LN moments; BN from running stats
+      for (int64_t c = 0; c < C; ++c)
+        pl.terms[n * C + c] = sn::affine_terms(pl.shift[n], pl.mean[n], pl.var[n], 0.0, 0.0,
+                                               p->running_mean[c], p->running_var[c], p->scale[c],
+                                               p->bias[c], pl.mx);
+      continue;
+    }
+    double mean_ln = 0.0, var_mean = 0.0, spread = 0.0;
+    for (int64_t c = 0; c < C; ++c) mean_ln += pl.mean[n * C + c];
+    mean_ln /= (double)C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = pl.mean[n * C + c] - mean_ln;
+      var_mean += pl.var[n * C + c];
+      spread += d * d;
+    }
+    const double var_ln = (var_mean + spread) / (double)C;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c;
+      pl.terms[i] = sn::affine_terms(pl.shift[i], pl.mean[i], pl.var[i], mean_ln, var_ln,
+                                     p->using_bn ? p->running_mean[c] : 0.0,
+                                     p->using_bn ? p->running_var[c] : 0.0, p->scale[c], p->bias[c],
+                                     pl.mx);
+    }
+  }
+}
+
+void apply(Plan& pl, int64_t begin, int64_t end) {
+  pl.half ? apply_range<uint16_t>(pl, begin, end) : apply_range<float>(pl, begin, end);
+}
+
+}  // namespace sn_cpu
+
+namespace {
+
+// The library's own driver: the three phases over an OpenMP team, barriers between them.
+int forward(const SnParams* p, const void* x, void* y, bool half, int num_threads) {
+  sn_cpu::Plan pl;
+  if (const int err = sn_cpu::prepare(pl, p, x, y, half)) return err;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const bool par = p->N * p->C * p->L >= 32768;  // below this, thread start-up costs more
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    auto part = [&](int64_t total, int64_t& b, int64_t& e) {
+      b = total * t / nt;
+      e = total * (t + 1) / nt;
+    };
+    int64_t b, e;
+    part(pl.runs, b, e);
+    sn_cpu::moments(pl, b, e);
+#pragma omp barrier
+    part(p->N, b, e);
+    sn_cpu::combine(pl, b, e);
+#pragma omp barrier
+    part(pl.runs, b, e);
+    sn_cpu::apply(pl, b, e);
+  }
+#else
+  (void)num_threads;
+  sn_cpu::moments(pl, 0, pl.runs);
+  sn_cpu::combine(pl, 0, p->N);
+  sn_cpu::apply(pl, 0, pl.runs);
+#endif
   return SN_OK;
 }
 
@@ -236,11 +286,11 @@ int forward(const SnParams* p, const T* x, T* y, int num_threads) {
 extern "C" {
 
 int sn_forward_cpu_f32(const SnParams* p, const float* x, float* y, int num_threads) {
-  return forward(p, x, y, num_threads);
+  return forward(p, x, y, false, num_threads);
 }
 
 int sn_forward_cpu_f16(const SnParams* p, const uint16_t* x, uint16_t* y, int num_threads) {
-  return forward(p, x, y, num_threads);
+  return forward(p, x, y, true, num_threads);
 }
 
 }  // extern "C"

@@ -1,12 +1,13 @@
 """ONNX Runtime sessions for all three model forms, with providers chosen by what is really there.
 
 * ``model.onnx`` (standard ops) runs as is.
-* ``model.sn.onnx`` needs the ``sn_deploy::SwitchableNorm`` kernel: it is served by an
-  onnxruntime-extensions Python custom op.  That bridge only passes scalar/string attributes and a
-  fixed input list, so the session is built from an in-memory copy whose SN nodes are rewritten to
-  ``ai.onnx.contrib::SwitchableNorm`` with the weight lists as strings and all five inputs present
-  (the file on disk is untouched).  The op computes with the compiled CPU kernel
-  (:mod:`sn_deploy.ops`) when it is built, else with the float64 reference.
+* ``model.sn.onnx`` needs the ``sn_deploy::SwitchableNorm`` kernel. Preferred: the native
+  custom-op library ``libsn_ort_op.so`` (C++, the CPU kernel; the same file Triton's onnxruntime
+  backend loads). Fallback when it is not built: an onnxruntime-extensions Python custom op. That
+  bridge only passes scalar/string attributes and a fixed input list, so its session is built from
+  an in-memory copy whose SN nodes are rewritten to ``ai.onnx.contrib::SwitchableNorm`` with the
+  weight lists as strings and all five inputs present (the file on disk is untouched); it computes
+  with the compiled CPU kernel (:mod:`sn_deploy.ops`) when built, else with the float64 reference.
 
 The CUDA provider is requested only when a CUDA driver and device are present, so CPU machines
 with onnxruntime-gpu see no provider-loading errors.
@@ -72,8 +73,22 @@ def has_sn_nodes(model: onnx.ModelProto) -> bool:
 
 
 # --------------------------------------------------------------------------- the custom op
+def native_op_library() -> Optional[Path]:
+    """``libsn_ort_op.so`` when it is built (``make plugins``), else None."""
+    from sn_deploy import ops
+
+    path = ops.library_path("sn_ort_op")
+    return path if path.is_file() else None
+
+
 def implementation() -> str:
     """Which kernel backs the SwitchableNorm custom op in this process."""
+    if native_op_library() is not None:
+        return "native-ort-op"
+    return _pyop_implementation()
+
+
+def _pyop_implementation() -> str:
     try:
         from sn_deploy import ops
 
@@ -87,7 +102,7 @@ def implementation() -> str:
 def _compute(x, scale, bias, running_mean, running_var, mean_weights, var_weights, eps, relu):
     rm = running_mean if running_mean.size else None
     rv = running_var if running_var.size else None
-    if implementation() == "native-cpu":
+    if _pyop_implementation() == "native-cpu":
         from sn_deploy import ops
 
         return ops.switchable_norm_cpu(x, scale, bias, rm, rv, mean_weights, var_weights, eps,
@@ -157,8 +172,12 @@ def create_session(
     threads: Optional[int] = None,
     providers: Optional[list[str]] = None,
     spinning: bool = False,
+    native_op: bool = True,
 ):
-    """An InferenceSession for any of the model forms (custom op registered when needed)."""
+    """An InferenceSession for any of the model forms (custom op registered when needed).
+
+    ``native_op=False`` forces the Python custom op (for comparing the two).
+    """
     import onnxruntime as ort
 
     proto = _load(model)
@@ -168,11 +187,15 @@ def create_session(
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if has_sn_nodes(proto):
-        from onnxruntime_extensions import get_library_path
+        native = native_op_library() if native_op else None
+        if native is not None:
+            opts.register_custom_ops_library(str(native))
+        else:
+            from onnxruntime_extensions import get_library_path
 
-        _register_pyop()
-        opts.register_custom_ops_library(get_library_path())
-        proto = _for_pyop(proto)
+            _register_pyop()
+            opts.register_custom_ops_library(get_library_path())
+            proto = _for_pyop(proto)
     try:
         return ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
                                     providers=providers or default_providers())
