@@ -76,6 +76,7 @@ def run_export(
     target: str = "onnxruntime",
     calibration: Optional[CalibrationOptions] = None,
     trust_pickle: bool = False,
+    fuse: bool = True,
     validate_inputs: str = "random",
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -89,6 +90,7 @@ def run_export(
     from sn_deploy.export import export_sn_onnx, save_model_atomic
     from sn_deploy.nn import switch_norm_layers
     from sn_deploy.passes.decompose import decompose_model
+    from sn_deploy.passes.fuse import fuse_relu_model
     from sn_deploy.report import write_reports
 
     if target not in ("onnxruntime", "tensorrt"):
@@ -113,6 +115,8 @@ def run_export(
     with _rollback_on_error(written):
         sn_onnx = export_sn_onnx(model, input_shape, dynamic_batch=dynamic_batch,
                                  dynamic_spatial=dynamic_spatial, opset=opset)
+        if fuse:
+            sn_onnx = fuse_relu_model(sn_onnx)
         written.append(save_model_atomic(sn_onnx, out / "model.sn.onnx"))
         decomposed = decompose_model(sn_onnx)
         written.append(save_model_atomic(decomposed, out / "model.onnx"))

@@ -130,7 +130,10 @@ class OnnxRuntimeRunner:
                  per_layer: bool, threads: Optional[int] = None):
         from sn_deploy.runtime.onnxruntime import _load, create_session
 
+        from sn_deploy.passes.fuse import fused_relu_layers
+
         proto = _load(model)
+        self.fused_relu = fused_relu_layers(proto)
         self.layer_outputs: list[str] = []
         if per_layer:
             proto, self.layer_outputs = _with_layer_outputs(proto)
@@ -244,9 +247,12 @@ def validate(
                 form.outputs.append(compare(out_name, ref[out_name], got[out_name], atol, rtol))
         if per_layer:
             layer_names = getattr(runner, "layer_outputs", [])
+            fused = getattr(runner, "fused_relu", set())
             for t in layer_names:
                 if t in ref and t in got:
-                    form.layers.append(compare(t[: -len(LAYER_SUFFIX)], ref[t], got[t], atol, rtol))
+                    layer = t[: -len(LAYER_SUFFIX)]
+                    expected = np.maximum(ref[t], 0) if layer in fused else ref[t]
+                    form.layers.append(compare(layer, expected, got[t], atol, rtol))
             _layer_order(form, layer_names)
             form.first_divergent_layer = next((c.name for c in form.layers if not c.passed), None)
         report.forms.append(form)

@@ -28,6 +28,8 @@ def export(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="calibration recipe (YAML)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="allow a pickled nn.Module (runs code from the file)"),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse",
+                              help="fold SN→ReLU into the SN node (default on)"),
     atol: float = typer.Option(1e-4, "--atol"),
     rtol: float = typer.Option(1e-4, "--rtol"),
 ) -> None:
@@ -43,7 +45,7 @@ def export(
     result = run_export(
         str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
         dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
-        trust_pickle=trust_pickle, atol=atol, rtol=rtol, log=typer.echo,
+        trust_pickle=trust_pickle, fuse=fuse, atol=atol, rtol=rtol, log=typer.echo,
     )
     typer.echo(render_table(result.validation))
     typer.echo(f"report: {result.files['report.json']} and {result.files['report.html']}")

@@ -195,5 +195,7 @@ def decompose_model(model: onnx.ModelProto) -> onnx.ModelProto:
         out.opset_import.extend(kept)
     out.ir_version = model.ir_version
     out.producer_name = model.producer_name or "sn_deploy"
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)  # e.g. which layers carry a fused ReLU
     onnx.checker.check_model(out)
     return onnx.shape_inference.infer_shapes(out)
