@@ -181,6 +181,24 @@ def _example_shape(shape: tuple[int, ...], dynamic_batch: bool) -> tuple[int, ..
     return (max(shape[0], 2),) + shape[1:] if dynamic_batch else shape
 
 
+def _down_convert(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The dynamo exporter writes opset 18+; older targets go through onnx's version converter.
+
+    The converter leaves ``noop_with_empty_axes`` on Reduce* nodes, an attribute that only exists
+    from opset 18: with its default value 0 the older ops behave the same, so it is dropped.
+    """
+    from onnx import version_converter
+
+    out = version_converter.convert_version(model, opset)
+    for node in out.graph.node:
+        if node.op_type.startswith("Reduce"):
+            keep = [a for a in node.attribute
+                    if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return out
+
+
 def _torch_export(model: nn.Module, shape, dynamic_batch, dynamic_spatial, opset) -> onnx.ModelProto:
     example = torch.randn(_example_shape(shape, dynamic_batch))
     with _sn_as_custom_op(model), warnings.catch_warnings(), _quiet_exporter():
@@ -189,14 +207,15 @@ def _torch_export(model: nn.Module, shape, dynamic_batch, dynamic_spatial, opset
             model,
             (example,),
             dynamo=True,
-            opset_version=opset,
+            opset_version=max(opset, DEFAULT_OPSET),
             input_names=[INPUT_NAME],
             dynamic_shapes=_dynamic_shapes(len(shape), dynamic_batch, dynamic_spatial),
             custom_translation_table={torch.ops.sn_deploy.switchable_norm.default: _sn_onnx},
             verbose=False,
             report=False,
         )
-    return program.model_proto
+    proto = program.model_proto
+    return _down_convert(proto, opset) if opset < DEFAULT_OPSET else proto
 
 
 @contextlib.contextmanager

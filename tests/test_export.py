@@ -113,3 +113,23 @@ def test_save_atomic(tmp_path, demo_onnx):
     out = save_model_atomic(demo_onnx, tmp_path / "m.onnx")
     assert onnx.load(out).graph.node
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_opset_17_is_really_17(demo):
+    proto = export_sn_onnx(demo, (2, 1, 8, 8), opset=17)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 17
+    onnx.checker.check_model(proto, full_check=True)
+    from sn_deploy.passes.decompose import decompose_model
+    from sn_deploy.runtime.onnxruntime import create_session
+
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = demo(torch.from_numpy(x)).numpy()
+    for form in (proto, decompose_model(proto)):
+        np.testing.assert_allclose(create_session(form).run(None, {"input": x})[0], ref,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_opset_too_old(demo):
+    with pytest.raises(InputError, match="use 17 or newer"):
+        export_sn_onnx(demo, (2, 1, 8, 8), opset=16)
