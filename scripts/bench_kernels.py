@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sn_deploy import ops  # noqa: E402
+from sn_deploy.nn import SwitchNorm2d  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (16, 64, 112, 112)]
 
@@ -59,9 +60,6 @@ def bench_cpu(repeats, threads):
 def bench_gpu(repeats):
     import torch
 
-    from tests.test_cuda_kernels import run_cuda  # the ctypes harness used by the gpu tests
-
-    del run_cuda  # imported to fail early if the harness is unavailable
     import ctypes
 
     lib = ctypes.CDLL(str(ops.library_path("sn_cuda")))
@@ -88,7 +86,14 @@ def bench_gpu(repeats):
                                              ctypes.c_void_p(y.data_ptr()),
                                              ctypes.c_void_p(ws.data_ptr()), ctypes.c_void_p(stream))
             t_sn, t_copy = _median_pair(sn, lambda: buf.copy_(x), repeats, torch.cuda.synchronize)
-            rows.append(_row("gpu", shape, dtype, x.numel() * x.element_size(), t_sn, t_copy))
+            row = _row("gpu", shape, dtype, x.numel() * x.element_size(), t_sn, t_copy)
+            eager = SwitchNorm2d(c).to(device="cuda", dtype=tdtype).eval()
+            with torch.no_grad():
+                t_eager, _ = _median_pair(lambda: eager(x), lambda: None, repeats,
+                                          torch.cuda.synchronize)
+            row["torch_eager_sn_ms"] = t_eager * 1e3
+            row["speedup_vs_torch_eager"] = t_eager / t_sn
+            rows.append(row)
     return rows
 
 
@@ -119,7 +124,9 @@ def main() -> None:
     for r in rows:
         print(f"  {r['device']} {r['shape']:>15} {r['dtype']:>7}: SN {r['sn_ms']:7.3f} ms "
               f"({r['sn_GBps']:5.1f} GB/s), copy {r['copy_ms']:7.3f} ms ({r['copy_GBps']:5.1f} GB/s), "
-              f"ratio {r['ratio']:.2f}x")
+              f"ratio {r['ratio']:.2f}x"
+              + (f", {r['speedup_vs_torch_eager']:.1f}x faster than torch eager SN"
+                 if "speedup_vs_torch_eager" in r else ""))
 
 
 if __name__ == "__main__":
