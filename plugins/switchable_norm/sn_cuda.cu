@@ -42,8 +42,16 @@ struct Workspace {
   sn::Affine* terms;      // N * C
 };
 
+// Upper bound on runs * splits that only grows with the dimensions: a workspace sized for a
+// TensorRT profile's maximum shape then fits every smaller shape (runs * splits itself does not
+// grow monotonically: fewer runs get more splits).
+inline int64_t max_partials(int64_t runs) {
+  const int64_t by_split = runs * kMaxSplits, by_target = runs + kTargetBlocks;
+  return by_split < by_target ? by_split : by_target;
+}
+
 inline size_t workspace_bytes(int64_t N, int64_t C, const Layout& lo) {
-  return align256(sizeof(sn::Moments) * lo.runs * lo.splits) + 2 * align256(sizeof(double) * lo.runs) +
+  return align256(sizeof(sn::Moments) * max_partials(lo.runs)) + 2 * align256(sizeof(double) * lo.runs) +
          align256(sizeof(sn::Affine) * N * C);
 }
 
@@ -51,7 +59,7 @@ inline Workspace carve(void* base, int64_t N, int64_t C, const Layout& lo) {
   char* p = static_cast<char*>(base);
   Workspace w;
   w.partials = reinterpret_cast<sn::Moments*>(p);
-  p += align256(sizeof(sn::Moments) * lo.runs * lo.splits);
+  p += align256(sizeof(sn::Moments) * max_partials(lo.runs));
   w.mean = reinterpret_cast<double*>(p);
   p += align256(sizeof(double) * lo.runs);
   w.var = reinterpret_cast<double*>(p);
