@@ -8,6 +8,7 @@ a metadata entry with the PyTorch module name, which per-layer validation relies
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -30,7 +31,6 @@ from sn_deploy.atomic import atomic_write
 from sn_deploy.errors import InputError
 from sn_deploy.nn import (
     DegenerateInputError,
-    SwitchNorm1d,
     _SwitchNorm,
     switch_norm_layers,
     switchable_norm_1d,
@@ -170,10 +170,9 @@ def _dynamic_shapes(rank: int, dynamic_batch: bool, dynamic_spatial: bool):
     if dynamic_batch:
         dims[0] = torch.export.Dim("batch", min=1, max=4096)
     if dynamic_spatial:
-        names = ["depth", "height", "width"][-(rank - 2):]
-        for axis, nm in zip(range(2, rank), names):
+        for axis in range(2, rank):
             dims[axis] = torch.export.Dim.DYNAMIC
-    return ({0: None} if not dims else dims,) if dims else None
+    return (dims,) if dims else None
 
 
 def _example_shape(shape: tuple[int, ...], dynamic_batch: bool) -> tuple[int, ...]:
@@ -239,8 +238,6 @@ def _layer_name_of(node: gs.Node, known: set[str]) -> Optional[str]:
     scopes = node.meta.get("pkg.torch.onnx.name_scopes") if hasattr(node, "meta") else None
     if scopes is None:
         return None
-    import ast
-
     for scope in reversed(ast.literal_eval(scopes)):
         if scope in known:
             return scope
@@ -282,7 +279,8 @@ def name_sn_nodes(graph: gs.Graph, model: nn.Module, call_order: Sequence[str]) 
     return graph
 
 
-def _set_metadata(model: onnx.ModelProto, layers: dict[str, str]) -> None:
+def _set_metadata(model: onnx.ModelProto) -> None:
+    """SN nodes carry their layer name; other nodes keep only the exporter's module namespace."""
     for node in model.graph.node:
         if node.op_type == onnx_ops.OP_TYPE and node.domain == onnx_ops.DOMAIN:
             del node.metadata_props[:]
@@ -316,16 +314,14 @@ def export_sn_onnx(
     model = model.eval()
     probed = probe_layer_shapes(model, shape)
     call_order = [p.name for p in probed]
-    if dynamic_spatial and any(isinstance(m, SwitchNorm1d) for _, m in switch_norm_layers(model)):
-        pass  # rank-2 layers have no spatial axes; nothing to warn about
     proto = _torch_export(model, shape, dynamic_batch, dynamic_spatial, opset)
     graph = gs.import_onnx(proto)
     graph = name_sn_nodes(graph, model, call_order)
     _rename_outputs(graph)
     out = gs.export_onnx(graph)
-    out.opset_import.extend([]) if any(o.domain == onnx_ops.DOMAIN for o in out.opset_import) \
-        else out.opset_import.append(onnx_ops.opset_import())
-    _set_metadata(out, {p.name: p.name for p in probed})
+    if not any(o.domain == onnx_ops.DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx_ops.opset_import())
+    _set_metadata(out)
     out.producer_name = "sn_deploy"
     out.ir_version = proto.ir_version
     onnx.checker.check_model(out)

@@ -15,7 +15,6 @@ import onnx
 import torch
 import torch.nn as nn
 
-from sn_deploy import onnx_ops
 from sn_deploy.errors import InputError
 from sn_deploy.nn import switch_norm_layers
 
@@ -128,11 +127,11 @@ def _with_layer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
 class OnnxRuntimeRunner:
     def __init__(self, model: Union[str, Path, onnx.ModelProto], name: str,
                  per_layer: bool, threads: Optional[int] = None):
-        from sn_deploy.runtime.onnxruntime import _load, create_session
+        from sn_deploy.runtime.onnxruntime import load_model, create_session
 
         from sn_deploy.passes.fuse import fused_relu_layers
 
-        proto = _load(model)
+        proto = load_model(model)
         self.fused_relu = fused_relu_layers(proto)
         self.layer_outputs: list[str] = []
         if per_layer:
@@ -257,13 +256,3 @@ def validate(
             form.first_divergent_layer = next((c.name for c in form.layers if not c.passed), None)
         report.forms.append(form)
     return report
-
-
-def sn_layer_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the SN layers in an sn.onnx graph (node metadata), in graph order."""
-    names = []
-    for n in model.graph.node:
-        if n.op_type == onnx_ops.OP_TYPE and n.domain == onnx_ops.DOMAIN:
-            meta = {p.key: p.value for p in n.metadata_props}
-            names.append(meta.get(onnx_ops.LAYER_NAME_KEY, n.name))
-    return names

@@ -31,10 +31,10 @@ def build(
     from sn_deploy.export import parse_shape, save_model_atomic
     from sn_deploy.passes.fp16 import to_fp16
     from sn_deploy.pipeline import check_writable_dir
-    from sn_deploy.runtime.onnxruntime import _load
+    from sn_deploy.runtime.onnxruntime import load_model
     from sn_deploy.runtime.tensorrt import build_engine, require, trtexec_command
 
-    proto = _load(model)  # clear error for a missing or corrupt file
+    proto = load_model(model)  # clear error for a missing or corrupt file
     if not plugin_lib.is_file():
         fail(f"plugin library '{plugin_lib}' not found; build it with `make plugins` "
              "(needs nvcc and TensorRT headers)")

@@ -18,9 +18,9 @@ def decompose(
     from sn_deploy.export import save_model_atomic
     from sn_deploy.passes.decompose import decompose_model
     from sn_deploy.pipeline import check_writable_dir
-    from sn_deploy.runtime.onnxruntime import _load
+    from sn_deploy.runtime.onnxruntime import load_model
 
-    proto = _load(model)
+    proto = load_model(model)
     check_writable_dir(output.parent)
     save_model_atomic(decompose_model(proto), output)
     typer.echo(f"wrote {output}")

@@ -40,10 +40,10 @@ def specialize(
     from sn_deploy.export import parse_shape, save_model_atomic
     from sn_deploy.passes.specialize import measure_specialization, specialize_model
     from sn_deploy.pipeline import check_writable_dir
-    from sn_deploy.runtime.onnxruntime import _load
+    from sn_deploy.runtime.onnxruntime import load_model
 
     check_threshold(prune_threshold)
-    proto = _load(model)
+    proto = load_model(model)
     check_writable_dir(output.parent)
     if input_shape:
         shape = parse_shape(input_shape)

@@ -15,9 +15,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def _input_shape_from_onnx(path: Path, batch: int) -> tuple[int, ...]:
-    from sn_deploy.runtime.onnxruntime import _load
+    from sn_deploy.runtime.onnxruntime import load_model
 
-    dims = _load(path).graph.input[0].type.tensor_type.shape.dim
+    dims = load_model(path).graph.input[0].type.tensor_type.shape.dim
     shape = []
     for i, d in enumerate(dims):
         if d.HasField("dim_value"):

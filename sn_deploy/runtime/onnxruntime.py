@@ -54,7 +54,8 @@ def default_providers() -> list[str]:
     return providers + ["CPUExecutionProvider"]
 
 
-def _load(model: ModelLike) -> onnx.ModelProto:
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """A ModelProto from a path or as given; clear InputError for a missing or unreadable file."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
@@ -180,7 +181,7 @@ def create_session(
     """
     import onnxruntime as ort
 
-    proto = _load(model)
+    proto = load_model(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
