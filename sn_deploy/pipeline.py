@@ -77,6 +77,8 @@ def run_export(
     calibration: Optional[CalibrationOptions] = None,
     trust_pickle: bool = False,
     fuse: bool = True,
+    triton_repo: Optional[str] = None,
+    model_name: str = "model",
     validate_inputs: str = "random",
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -127,6 +129,14 @@ def run_export(
             written.append(save_model_atomic(to_plugin_model(sn_onnx), out / "model.trt.onnx"))
         result.files = {p.name: p for p in written}
         log(f"wrote {', '.join(p.name for p in written)} to {out}")
+        if triton_repo is not None:
+            from sn_deploy.triton import write_triton_repo
+
+            repo = check_writable_dir(Path(triton_repo))
+            entries = write_triton_repo(repo, model_name, decomposed,
+                                        tensorrt=target == "tensorrt")
+            written.extend(entries)
+            log(f"wrote Triton model repository entries under {repo}")
 
         inputs = val.make_inputs(validate_inputs, tuple(input_shape), seed=0)
         result.validation = val.validate(model, forms, inputs, atol=atol, rtol=rtol,

@@ -30,6 +30,9 @@ def export(
                                       help="allow a pickled nn.Module (runs code from the file)"),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
                               help="fold SN→ReLU into the SN node (default on)"),
+    triton_repo: Optional[Path] = typer.Option(None, "--triton-repo",
+                                               help="also write a Triton model repository here"),
+    model_name: str = typer.Option("model", "--model-name", help="name in the Triton repository"),
     atol: float = typer.Option(1e-4, "--atol"),
     rtol: float = typer.Option(1e-4, "--rtol"),
 ) -> None:
@@ -46,6 +49,7 @@ def export(
         str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
         dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
         trust_pickle=trust_pickle, fuse=fuse, atol=atol, rtol=rtol, log=typer.echo,
+        triton_repo=str(triton_repo) if triton_repo else None, model_name=model_name,
     )
     typer.echo(render_table(result.validation))
     typer.echo(f"report: {result.files['report.json']} and {result.files['report.html']}")
