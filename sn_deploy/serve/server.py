@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ def _handler(server: InferenceServer):
         def log_message(self, *args) -> None:  # replaced by one JSON line per request
             pass
 
+        def setup(self) -> None:
+            super().setup()
+            # answer in one segment now: with Nagle + the client's delayed ACK a keep-alive
+            # response would stall ~40 ms behind its own headers
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def _send(self, status: int, body: bytes, content_type: str = "application/json",
                   header_length: Optional[int] = None) -> None:
             self.send_response(status)
@@ -135,8 +142,9 @@ def _handler(server: InferenceServer):
             self.send_header("Content-Length", str(len(body)))
             if header_length is not None:
                 self.send_header(HEADER_LENGTH, str(header_length))
-            self.end_headers()
-            self.wfile.write(body)
+            self._headers_buffer.append(b"\r\n")  # end_headers without its flush:
+            self.wfile.write(b"".join(self._headers_buffer) + body)  # headers + body, one write
+            self._headers_buffer = []
             self._status = status
 
         def _json(self, status: int, obj) -> None:
