@@ -101,7 +101,11 @@ def _direct(model_path: Path, x: np.ndarray, batch: int, seconds: float, threads
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="sn-serve --threads (per worker)")
+    ap.add_argument("--direct-threads", type=int, default=2,
+                    help="onnxruntime threads of the direct baseline (all cores)")
+    ap.add_argument("--workers", type=int, default=2, help="sn-serve --workers")
+    ap.add_argument("--delay-ms", type=float, default=5.0, help="sn-serve --max-queue-delay-ms")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +114,8 @@ def main() -> None:
         port = _free_port()
         exe = Path(sys.executable).with_name("sn-serve")
         srv = subprocess.Popen([str(exe), str(repo), "--port", str(port), "--max-batch-size", "32",
-                                "--max-queue-delay-ms", "5", "--threads", str(args.threads),
+                                "--max-queue-delay-ms", str(args.delay_ms), "--threads", str(args.threads),
+                                "--workers", str(args.workers),
                                 "--quiet"], stderr=subprocess.DEVNULL)
         try:
             _wait_ready(port)
@@ -118,7 +123,7 @@ def main() -> None:
             for clients in (1, 8, 32):
                 row = _closed_loop(port, "resnet", x, clients, args.seconds)
                 row["direct_samples_per_s"] = _direct(repo / "resnet" / "1" / "model.onnx", x,
-                                                      clients, args.seconds, args.threads)
+                                                      clients, args.seconds, args.direct_threads)
                 row["ratio_vs_direct"] = row["requests_per_s"] / row["direct_samples_per_s"]
                 rows.append(row)
         finally:
@@ -127,8 +132,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("sn-serve on loopback (resnetv1sn18 at 1x3x64x64 per request) vs direct session calls "
-          "on batches of the same size")
+    print(f"sn-serve on loopback (resnetv1sn18 at 1x3x64x64 per request; --workers {args.workers} "
+          f"--threads {args.threads}) vs direct session calls ({args.direct_threads} threads) on "
+          "batches of the same size")
     for r in rows:
         print(f"  concurrency {r['concurrency']:>2}: {r['requests_per_s']:7.1f} req/s, "
               f"p50 {r['p50_ms']:6.2f} ms, p99 {r['p99_ms']:6.2f} ms; direct "

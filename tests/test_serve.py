@@ -32,6 +32,9 @@ def repo(tmp_path_factory):
     spatial = export_sn_onnx(model, (2, 1, 8, 8), dynamic_batch=True, dynamic_spatial=True)
     (root / "digits_sn" / "3").mkdir(parents=True)
     save_model_atomic(spatial, root / "digits_sn" / "3" / "model.onnx")
+    (root / "static" / "1").mkdir(parents=True)  # fixed batch of 2: served without batching
+    save_model_atomic(decompose_model(export_sn_onnx(model, (2, 1, 8, 8))),
+                      root / "static" / "1" / "model.onnx")
     return root
 
 
@@ -83,6 +86,17 @@ def test_infer_matches_direct_session(client, repo, binary):
     inp.set_data_from_numpy(x2, binary_data=binary)
     y = client.infer("digits_sn", [inp], model_version="3").as_numpy("output")
     np.testing.assert_allclose(y, _direct(repo, "digits_sn", x2), rtol=1e-6, atol=1e-6)
+
+
+def test_static_batch_model_is_served_unbatched(client, server):
+    assert not server.models["static"].batching and server.models["digits"].batching
+    assert client.get_model_config("static")["max_batch_size"] == 0
+    x = np.random.default_rng(7).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    assert _infer(client, x, model="static").shape == (2, 10)
+    inp = httpclient.InferInput("input", [1, 1, 8, 8], "FP32")
+    inp.set_data_from_numpy(x[:1])
+    with pytest.raises(InferenceServerException, match="model expects"):
+        client.infer("static", [inp])
 
 
 def test_concurrent_requests_are_batched_and_split_back(client, server, repo):
