@@ -80,3 +80,45 @@ def test_resnet_export_maps_every_layer():
     # sn1 and every block's first SN are followed by their own ReLU: folded
     folded = sum(_attrs(n)["relu"] for n in out.graph.node if n.op_type == PLUGIN_OP)
     assert folded == 9
+
+
+def test_fields_reproduce_the_reference():
+    """The node's attributes alone carry the layer: the reference fed from them matches."""
+    from sn_deploy import reference as R
+    from tests.test_decompose import ref
+
+    model, p = sn_model((2, 5, 7, 7))
+    a = _attrs(to_plugin_model(_with_relu(model)).graph.node[0])
+    t = lambda k: onnx.numpy_helper.to_array(a[k])  # noqa: E731
+    x = np.random.default_rng(1).normal(size=(2, 5, 7, 7))
+    y = R.switchable_norm(x, t("scale"), t("bias"), a["mean_weights"], a["var_weights"],
+                          t("running_mean"), t("running_var"), eps=a["epsilon"], relu=bool(a["relu"]))
+    np.testing.assert_allclose(y, ref(x, p, relu=True), rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_parameters_become_fp32_fields():
+    model, p = sn_model((2, 5, 7, 7), dtype=np.float16)
+    for init in model.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(
+            onnx.numpy_helper.to_array(init).astype(np.float16), init.name))
+    a = _attrs(to_plugin_model(model).graph.node[0])
+    assert a["scale"].data_type == TensorProto.FLOAT
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(a["scale"]), p["scale"], rtol=1e-3)
+
+
+def test_relu_not_folded_when_sn_output_is_a_graph_output():
+    model, _ = sn_model((2, 5, 7, 7))
+    model = _with_relu(model)
+    model.graph.output.append(helper.make_tensor_value_info("l.output", TensorProto.FLOAT,
+                                                            [2, 5, 7, 7]))
+    out = to_plugin_model(model)
+    assert [n.op_type for n in out.graph.node] == [PLUGIN_OP, "Relu"]
+    assert _attrs(out.graph.node[0])["relu"] == 0
+
+
+def test_default_domain_on_request():
+    """domain="" (for tools that want it): same node, default domain, no opset for it."""
+    model, _ = sn_model((2, 5, 7, 7))
+    out = to_plugin_model(model, domain="")
+    assert out.graph.node[0].op_type == PLUGIN_OP and out.graph.node[0].domain == ""
+    assert {o.domain for o in out.opset_import} == {""}

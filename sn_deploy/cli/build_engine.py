@@ -1,7 +1,8 @@
 """``sn-build-engine``: build a TensorRT engine from model.trt.onnx with the SwitchableNorm_TRT plugin.
 
 Always prints the equivalent trtexec command. Needs TensorRT's Python package and a GPU; without
-them it says so and exits 2 (``--print-trtexec-only`` works anywhere).
+them it says so and exits 2, having written nothing. ``--print-trtexec-only`` works anywhere (with
+``--fp16`` it also writes the FP16 model the command reads, so the command can be run elsewhere).
 """
 from __future__ import annotations
 
@@ -41,14 +42,17 @@ def build(
     check_writable_dir(output.parent)
     shapes = [parse_shape(s) if s else None for s in (min_shape, opt_shape, max_shape)]
     onnx_path = output.with_suffix(".fp16.onnx") if fp16 else model
-    typer.echo("equivalent trtexec command" + (" (after writing the FP16 model)" if fp16 else "") + ":")
+    typer.echo("equivalent trtexec command" + (f" (reads the FP16 model {onnx_path})" if fp16 else "") + ":")
     typer.echo("  " + trtexec_command(onnx_path, plugin_lib, output, proto.graph.input[0].name,
-                                      *shapes, timing_cache=str(timing_cache) if timing_cache else None))
-    if print_trtexec_only:
-        return
-    require()  # before writing anything
+                                      *shapes, timing_cache=str(timing_cache) if timing_cache else None,
+                                      strongly_typed=fp16))
+    if not print_trtexec_only:
+        require()  # before writing anything
     if fp16:
         save_model_atomic(to_fp16(proto), onnx_path)
+        typer.echo(f"wrote {onnx_path}")
+    if print_trtexec_only:
+        return
     build_engine(onnx_path, plugin_lib, output, *shapes,
                  timing_cache=str(timing_cache) if timing_cache else None)
     typer.echo(f"wrote {output}")

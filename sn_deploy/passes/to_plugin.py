@@ -1,14 +1,19 @@
 """Map ``sn_deploy::SwitchableNorm`` nodes to TensorRT's ``SwitchableNorm_TRT`` plugin nodes.
 
 onnx-tensorrt imports an op it does not know through its fallback plugin importer: it looks the
-plugin creator up by op type, ``plugin_version`` and ``plugin_namespace``, and turns every other
-attribute into a plugin field (floats → kFLOAT32, ints → kINT32, tensors → their type). So the
+plugin creator up by op type, ``plugin_version`` and ``plugin_namespace``, and turns the
+attributes the creator lists in ``getFieldNames`` into plugin fields (floats → kFLOAT32, ints →
+kINT32, tensors → their type; see onnx-tensorrt's ``loadFields``). So the
 per-channel constants move from inputs into float32 tensor attributes and the node keeps the single
-input X. The nodes live in the ``trt.plugins`` domain so the model still passes ``onnx.checker``
-(onnx-tensorrt ignores the domain when it falls back to plugins). A directly following Relu that
-is the only consumer can be folded into the plugin's ``relu`` field.
+input X. onnx-tensorrt dispatches on the op type alone (the domain is not looked at), so the nodes
+live in the ``trt.plugins`` domain, as NVIDIA ModelOpt writes them, and the model still passes
+``onnx.checker``, which rejects an unknown op in the default domain (``domain=""`` is available
+for tools that insist on it; the checker is skipped then). A directly following Relu that is the
+only consumer can be folded into the plugin's ``relu`` field.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -27,12 +32,14 @@ def _is_sn(node: gs.Node) -> bool:
     return node.op == onnx_ops.OP_TYPE and node.domain == onnx_ops.DOMAIN
 
 
-def _foldable_relu(graph: gs.Graph, node: gs.Node):
+def _foldable_relu(graph: gs.Graph, node: gs.Node) -> Optional[gs.Node]:
+    """The standard Relu reading ``node``'s output, if it is the only reader and that output is
+    not itself a graph output (folding would otherwise change what someone else sees)."""
     out = node.outputs[0]
     if out in graph.outputs or len(out.outputs) != 1:
         return None
     consumer = out.outputs[0]
-    return consumer if consumer.op == "Relu" else None
+    return consumer if consumer.op == "Relu" and (consumer.domain or "") in ("", "ai.onnx") else None
 
 
 def to_plugin(graph: gs.Graph, fuse_relu: bool = True, domain: str = PLUGIN_DOMAIN) -> gs.Graph:
@@ -75,15 +82,16 @@ def to_plugin(graph: gs.Graph, fuse_relu: bool = True, domain: str = PLUGIN_DOMA
 
 def to_plugin_model(model: onnx.ModelProto, fuse_relu: bool = True,
                     domain: str = PLUGIN_DOMAIN) -> onnx.ModelProto:
-    """``model.sn.onnx`` → ``model.trt.onnx`` (opset imports updated, checked)."""
+    """``model.sn.onnx`` → ``model.trt.onnx`` (opset imports updated, checked unless domain is "")."""
     graph = to_plugin(gs.import_onnx(model), fuse_relu=fuse_relu, domain=domain)
     out = gs.export_onnx(graph)
     opsets = {o.domain: o.version for o in out.opset_import if o.domain != onnx_ops.DOMAIN}
-    if any(n.domain == domain for n in out.graph.node):
+    if domain and any(n.domain == domain for n in out.graph.node):
         opsets.setdefault(domain, 1)
     del out.opset_import[:]
     out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     out.ir_version = model.ir_version
     out.producer_name = model.producer_name or "sn_deploy"
-    onnx.checker.check_model(out)
+    if domain:
+        onnx.checker.check_model(out)
     return out

@@ -34,13 +34,42 @@ def _trt():
         raise TensorRTUnavailable(
             f"the TensorRT Python package is not importable ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); install TensorRT 10 or 11 "
-            "with its Python bindings on a machine with an NVIDIA GPU, or run the printed trtexec "
-            "command there") from None
+            "with its Python bindings (pip install 'tensorrt>=10') on a machine with an NVIDIA GPU, "
+            "or run the printed trtexec command there") from None
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA GPU is available: TensorRT engines build and run on a GPU")
+        raise TensorRTUnavailable(
+            "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False): TensorRT engines "
+            "build and run on an NVIDIA GPU and the runner's buffers are torch CUDA tensors; use a "
+            "machine with a GPU and a CUDA build of torch, or run the printed trtexec command there")
     return trt
+
+
+PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "SwitchableNorm_TRT", "1", ""
+_loaded_libraries: dict[str, object] = {}
+
+
+def load_plugin_library(plugin_lib) -> None:
+    """Register the plugin library with TensorRT's global registry, once per process.
+
+    ``IPluginRegistry::loadLibrary`` returns null when a creator is already registered, so a second
+    load (engine build then run in one process, or the preload variant already in) is skipped, and
+    a failed first load is reported instead of surfacing later as "Plugin not found".
+    """
+    trt = _trt()
+    path = str(Path(plugin_lib).resolve())
+    if path in _loaded_libraries:
+        return
+    if not Path(path).is_file():
+        raise SnDeployError(f"plugin library '{plugin_lib}' not found; build it with `make plugins`")
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+        handle = registry.load_library(path)
+        if handle is None or registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise SnDeployError(f"TensorRT could not load '{plugin_lib}' as a plugin library providing "
+                                f"{PLUGIN_NAME} (see its log; was it built for this TensorRT/CUDA?)")
+    _loaded_libraries[path] = True
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -48,11 +77,20 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def trtexec_command(onnx_path, plugin_lib, engine_path, input_name: str = "input",
-                    min_shape=None, opt_shape=None, max_shape=None,
-                    timing_cache: Optional[str] = None) -> str:
-    """The trtexec command line that builds the same engine."""
+                    min_shape: Optional[Sequence[int]] = None,
+                    opt_shape: Optional[Sequence[int]] = None,
+                    max_shape: Optional[Sequence[int]] = None,
+                    timing_cache: Optional[str] = None, strongly_typed: bool = False) -> str:
+    """The trtexec command line that builds the same engine.
+
+    ``strongly_typed`` adds ``--stronglyTyped``: TensorRT 10 needs it to honour an FP16 graph's
+    types as :func:`build_engine` does (TensorRT 11 is always strongly typed and ignores the flag);
+    for an FP32 graph both typings build the same engine, so the command stays short.
+    """
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
            f"--dynamicPlugins={plugin_lib}"]
+    if strongly_typed:
+        cmd.append("--stronglyTyped")
     if min_shape is not None:
         cmd += [f"--minShapes={input_name}:{_shape_text(min_shape)}",
                 f"--optShapes={input_name}:{_shape_text(opt_shape or min_shape)}",
@@ -71,15 +109,22 @@ def build_engine(
     max_shape: Optional[Sequence[int]] = None,
     timing_cache: Optional[str] = None,
     workspace_mib: int = 1024,
+    tf32: bool = True,
 ) -> Path:
-    """Parse the ONNX model (plugin library loaded first), build, and write the plan atomically."""
+    """Parse the ONNX model (plugin library loaded first), build, and write the plan atomically.
+
+    The network is strongly typed, so an FP16 engine comes from an FP16 graph
+    (:func:`sn_deploy.passes.fp16.to_fp16`). The timing cache, if given, is read when it exists and
+    written back (atomically) after a successful build. ``tf32=False`` keeps FP32 convolutions
+    and matmuls out of TF32 (TensorRT's default on Ampere and later), for tight parity checks.
+    """
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    builder.get_plugin_registry().load_library(str(plugin_lib))
+    load_plugin_library(plugin_lib)
     flags = 0
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None:
+    if strongly is not None and int(trt.__version__.split(".")[0]) < 11:  # 11: always, flag deprecated
         flags |= 1 << int(strongly)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -88,6 +133,8 @@ def build_engine(
         raise SnDeployError(f"TensorRT cannot parse '{onnx_path}': {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     inp = network.get_input(0)
     if min_shape is not None or any(d < 0 for d in inp.shape):
         if min_shape is None:
@@ -119,7 +166,7 @@ class EngineRunner:
         self._torch = torch
         self.name = name or Path(engine_path).name
         self.logger = trt.Logger(trt.Logger.WARNING)
-        trt.get_plugin_registry().load_library(str(plugin_lib))
+        load_plugin_library(plugin_lib)
         runtime = trt.Runtime(self.logger)
         self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
@@ -132,10 +179,16 @@ class EngineRunner:
         self._dtypes = {n: trt.nptype(self.engine.get_tensor_dtype(n)) for n in names}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs by engine tensor name (or, for names the engine lacks, in order); outputs as float32."""
         torch = self._torch
+        if len(inputs) != len(self.input_names):
+            raise SnDeployError(f"the engine takes {len(self.input_names)} input(s) "
+                                f"{self.input_names}, got {len(inputs)}")
+        if set(inputs) != set(self.input_names):
+            inputs = dict(zip(self.input_names, inputs.values()))
         keep = []
-        for name, arr in zip(self.input_names, inputs.values()):
-            t = torch.from_numpy(np.ascontiguousarray(arr, self._dtypes[name])).cuda()
+        for name in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(inputs[name], self._dtypes[name])).cuda()
             keep.append(t)
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())

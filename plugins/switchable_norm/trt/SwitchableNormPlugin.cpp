@@ -3,6 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 
@@ -16,10 +17,17 @@ namespace {
 std::mutex gLoggerMutex;
 ILoggerFinder* gLoggerFinder = nullptr;
 
+// TensorRT's logger when the loader handed us a finder (loadLibrary/--dynamicPlugins call
+// setLoggerFinder); stderr otherwise (the LD_PRELOAD variant), so an error is never silent.
 void logError(std::string const& msg) noexcept {
-  std::lock_guard<std::mutex> lock(gLoggerMutex);
-  ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
-  if (logger) logger->log(ILogger::Severity::kERROR, (std::string(kPluginName) + ": " + msg).c_str());
+  try {
+    std::string const line = std::string(kPluginName) + ": " + msg;
+    std::lock_guard<std::mutex> lock(gLoggerMutex);
+    ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
+    if (logger) logger->log(ILogger::Severity::kERROR, line.c_str());
+    else std::fprintf(stderr, "[E] %s\n", line.c_str());
+  } catch (...) {
+  }
 }
 
 int64_t volumeFrom(Dims const& d, int32_t first) {
@@ -126,6 +134,15 @@ int32_t SwitchableNormPlugin::configurePlugin(DynamicPluginTensorDesc const* in,
     logError("input channels differ from the length of scale");
     return -1;
   }
+  // Fail the build, not every enqueue, when no shape of the profile is computable: the unbiased
+  // variance needs two elements per plane (IN) or two channels (rank-2 LN).
+  Dims const& mx = in[0].max;
+  bool const degenerate = mFields.rank2 ? mFields.scale.size() == 1 : (mx.nbDims > 2 && volumeFrom(mx, 2) == 1);
+  if (degenerate) {
+    logError(mFields.rank2 ? "one channel: the layer-norm variance of a (N, 1) input is undefined"
+                           : "spatial size 1 in every profile shape: the instance variance is undefined");
+    return -1;
+  }
   return 0;
 }
 
@@ -163,17 +180,22 @@ size_t SwitchableNormPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inp
 
 bool SwitchableNormPlugin::uploadWeights() noexcept {
   if (mDevice != nullptr) return true;
-  size_t const C = mFields.scale.size();
-  size_t const blocks = mFields.running_mean.empty() ? 2 : 4;
-  if (cudaMalloc(reinterpret_cast<void**>(&mDevice), blocks * C * sizeof(float)) != cudaSuccess) {
-    mDevice = nullptr;
+  try {
+    std::vector<float> host;
+    for (auto const* v : {&mFields.scale, &mFields.bias, &mFields.running_mean, &mFields.running_var})
+      host.insert(host.end(), v->begin(), v->end());
+    if (cudaMalloc(reinterpret_cast<void**>(&mDevice), host.size() * sizeof(float)) != cudaSuccess) {
+      mDevice = nullptr;
+      return false;
+    }
+    if (cudaMemcpy(mDevice, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess) {
+      releaseWeights();  // never leave a half-initialised copy that a later call would trust
+      return false;
+    }
+    return true;
+  } catch (...) {
     return false;
   }
-  std::vector<float> host;
-  host.reserve(blocks * C);
-  for (auto const* v : {&mFields.scale, &mFields.bias, &mFields.running_mean, &mFields.running_var})
-    host.insert(host.end(), v->begin(), v->end());
-  return cudaMemcpy(mDevice, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess;
 }
 
 void SwitchableNormPlugin::releaseWeights() noexcept {
@@ -184,7 +206,10 @@ void SwitchableNormPlugin::releaseWeights() noexcept {
 int32_t SwitchableNormPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
                                             int32_t nbOutputs) noexcept {
   if (nbInputs != 1 || nbOutputs != 1) return -1;
-  if (in[0].dims.d[1] != static_cast<int64_t>(mFields.scale.size())) return -1;
+  if (in[0].dims.d[1] != static_cast<int64_t>(mFields.scale.size())) {
+    logError("input channels differ from the length of scale");
+    return -1;
+  }
   if (!uploadWeights()) {
     logError("cannot copy the per-channel weights to the GPU");
     return -1;
@@ -195,11 +220,12 @@ int32_t SwitchableNormPlugin::onShapeChange(PluginTensorDesc const* in, int32_t 
 int32_t SwitchableNormPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
                                       void const* const* inputs, void* const* outputs, void* workspace,
                                       cudaStream_t stream) noexcept {
-  if (!uploadWeights()) {
+  Dims const& d = inputDesc[0].dims;
+  if (volumeFrom(d, 0) == 0) return 0;  // empty batch: nothing to write
+  if (!uploadWeights()) {  // normally done already in onShapeChange
     logError("cannot copy the per-channel weights to the GPU");
     return -1;
   }
-  Dims const& d = inputDesc[0].dims;
   size_t const C = mFields.scale.size();
   bool const usingBn = !mFields.running_mean.empty();
   SnParams p{};
@@ -221,7 +247,9 @@ int32_t SwitchableNormPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
   int const dtype = inputDesc[0].type == DataType::kHALF ? 1 : 0;
   int const status = sn_forward_cuda(&p, dtype, inputs[0], outputs[0], workspace, stream);
   if (status != SN_OK) {
-    logError(sn_error_string(status));
+    std::string shape;
+    for (int32_t i = 0; i < d.nbDims; ++i) shape += (i ? "x" : "") + std::to_string(d.d[i]);
+    logError("enqueue on input " + shape + ": " + sn_error_string(status));
     return -1;
   }
   return 0;

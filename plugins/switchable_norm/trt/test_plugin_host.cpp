@@ -100,6 +100,11 @@ int main() {
   CHECK(build->getWorkspaceSize(io, 1, io + 1, 1) > 0);
   io[0].desc.dims.d[1] = 4;
   CHECK(build->configurePlugin(io, 1, io + 1, 1) != 0);  // channel mismatch
+  io[0].desc.dims.d[1] = 3;
+  io[0].max.d[2] = io[0].max.d[3] = 1;
+  CHECK(build->configurePlugin(io, 1, io + 1, 1) != 0);  // every plane one element: refused at build
+  io[0].max.d[2] = io[0].max.d[3] = 56;
+  CHECK(build->configurePlugin(io, 1, io + 1, 1) == 0);
 
   // serialization round trip
   PluginFieldCollection const* ser = runtime->getFieldsToSerialize();
