@@ -29,20 +29,32 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _PooledStats:
-    """Per-layer sums in float64: Σ mean_i, Σ var_i, and Σ mean_i² about a shift (the first batch)."""
+    """Per-layer float64 sums Σ(mean_i − s), Σ var_i, Σ(mean_i − s)² and the count.
 
-    def __init__(self) -> None:
+    The shift s is the layer's previous running mean: close to the batch means (so the squares do
+    not cancel) and the same on every rank, so the sums of several processes simply add up.
+    """
+
+    def __init__(self, shift: torch.Tensor) -> None:
         self.count = 0
-        self.shift: Optional[torch.Tensor] = None
-        self.sum_mean = self.sum_var = self.sum_sq = None
+        self.shift = shift.detach().double().reshape(-1).clone()
+        self.sum_mean = torch.zeros_like(self.shift)
+        self.sum_var = torch.zeros_like(self.shift)
+        self.sum_sq = torch.zeros_like(self.shift)
+
+    def all_reduce(self) -> None:
+        """Add up the sums of every rank (torch.distributed), once, at the end."""
+        import torch.distributed as dist
+
+        packed = torch.cat([self.sum_mean, self.sum_var, self.sum_sq,
+                            torch.tensor([float(self.count)], dtype=torch.float64)])
+        dist.all_reduce(packed)
+        n = self.shift.numel()
+        self.sum_mean, self.sum_var, self.sum_sq = packed[:n], packed[n:2 * n], packed[2 * n:3 * n]
+        self.count = int(round(packed[-1].item()))
 
     def add(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         mean, var = mean.detach().double().reshape(-1), var.detach().double().reshape(-1)
-        if self.shift is None:
-            self.shift = mean.clone()
-            self.sum_mean = torch.zeros_like(mean)
-            self.sum_var = torch.zeros_like(mean)
-            self.sum_sq = torch.zeros_like(mean)
         d = mean - self.shift
         self.sum_mean += d
         self.sum_var += var
@@ -97,12 +109,18 @@ def calibrate_batch_average(
     num_batches: int,
     precise_bn: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> CalibrationResult:
-    """Set every SN layer's running stats (and BN's, with precise_bn) to batch averages, in place."""
+    """Set every SN layer's running stats (and BN's, with precise_bn) to batch averages, in place.
+
+    ``distributed``: this process is one rank of an initialized torch.distributed group and
+    ``batches`` holds its share of the K batches; the sums are all-reduced once at the end, so
+    every rank ends with the statistics of all K batches.
+    """
     sn_layers = [(n, m) for n, m in switch_norm_layers(model) if m.using_bn]
     bn_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)] \
         if precise_bn else []
-    stats = {n: _PooledStats() for n, _ in sn_layers + bn_layers}
+    stats = {n: _PooledStats(m.running_mean) for n, m in sn_layers + bn_layers}
     was_training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     hooks = []
@@ -149,6 +167,14 @@ def calibrate_batch_average(
         for p, r in requires_grad.items():
             p.requires_grad_(r)
 
+    if distributed:
+        import torch.distributed as dist
+
+        for s in stats.values():
+            s.all_reduce()
+        total = torch.tensor([float(samples)], dtype=torch.float64)
+        dist.all_reduce(total)
+        samples = int(total.item())
     done = min((s.count for s in stats.values()), default=num_batches)
     if stats and done < num_batches:
         raise InputError(f"calibration got only {done} of {num_batches} batches from the data")

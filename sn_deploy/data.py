@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -148,8 +148,12 @@ def open_source(path: str, recipe: Optional[str] = None, preprocess: Optional[Pr
 
 
 def batches(source, batch_size: int, num_batches: int, order: str = "sequential",
-            seed: int = 0) -> Iterator[torch.Tensor]:
-    """K batches of B samples as float32 tensors; refuses too little data up front."""
+            seed: int = 0, keep: Optional[Callable[[int], bool]] = None) -> Iterator[torch.Tensor]:
+    """K batches of B samples as float32 tensors; refuses too little data up front.
+
+    ``keep(k)`` selects which of the K batches this process loads (distributed calibration: the
+    batch plan is the same on every rank, each rank keeps its share).
+    """
     if batch_size < 2:
         raise InputError("--batch-size must be at least 2: BN statistics of one sample are "
                          "undefined (unbiased variance)")
@@ -168,4 +172,5 @@ def batches(source, batch_size: int, num_batches: int, order: str = "sequential"
     else:
         raise InputError(f"unknown --order '{order}': use sequential or random")
     for k in range(num_batches):
-        yield torch.from_numpy(source.get(picked[k * batch_size:(k + 1) * batch_size]))
+        if keep is None or keep(k):
+            yield torch.from_numpy(source.get(picked[k * batch_size:(k + 1) * batch_size]))

@@ -30,7 +30,23 @@ def calibrate(
                                       help="allow a pickled nn.Module (runs code from the file)"),
     report: Optional[Path] = typer.Option(None, "--report", help="per-layer JSON report"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    distributed: bool = typer.Option(False, "--distributed",
+                                     help="one rank of a torchrun job: batches split across ranks, "
+                                          "sums all-reduced, rank 0 writes"),
 ) -> None:
+    from sn_deploy.distributed import init_from_env, shutdown
+
+    rank, world = init_from_env() if distributed else (0, 1)
+    try:
+        _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
+                   precise_bn, trust_pickle, report, quiet or rank != 0, rank, world)
+    finally:
+        if distributed:
+            shutdown()
+
+
+def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
+               precise_bn, trust_pickle, report, quiet, rank, world) -> None:
     from sn_deploy.atomic import atomic_write
     from sn_deploy.calibrate import calibrate_batch_average
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
@@ -45,13 +61,19 @@ def calibrate(
         check_writable_dir(report.parent)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
     source = open_source(data, preprocess=rec.preprocess)
-    result = calibrate_batch_average(loaded.model, batches(source, b, k, order=order, seed=seed),
-                                     k, precise_bn=precise_bn, progress=not quiet)
+    mine = (lambda i: i % world == rank) if world > 1 else None
+    result = calibrate_batch_average(loaded.model, batches(source, b, k, order=order, seed=seed,
+                                                           keep=mine),
+                                     k, precise_bn=precise_bn, progress=not quiet,
+                                     distributed=world > 1)
+    if rank != 0:
+        return
     save_checkpoint_like(loaded, loaded.model, output)
     if report is not None:
         atomic_write(report, json.dumps(result.to_json(), indent=2))
-    typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} "
-               f"({result.images_per_second:.0f} images/s); wrote {output}")
+    typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
+               f"process{'es' if world > 1 else ''} ({result.images_per_second:.0f} images/s); "
+               f"wrote {output}")
 
 
 main = run_app(app)
