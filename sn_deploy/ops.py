@@ -48,7 +48,8 @@ def library_path(name: str = "sn_cpu") -> Path:
 
 
 def _build_cpu_library() -> None:
-    if shutil.which("cmake") is None or shutil.which("c++") is None:
+    compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
+    if shutil.which("cmake") is None or not any(c and shutil.which(c) for c in compilers):
         raise NativeBuildError(
             f"{library_path()} is missing and cmake/a C++ compiler are not installed; install "
             "them or build with `cmake -S plugins -B build/plugins && cmake --build build/plugins`")
@@ -115,6 +116,11 @@ def make_params(
     L = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     rank2 = len(shape) == 2
     using_bn = running_mean is not None
+    if using_bn != (running_var is not None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if rank2 and not using_bn:
+        raise ValueError("rank-2 (SwitchNorm1d) input needs running_mean/running_var: its weights "
+                         "are [LN, BN]")
     nw = len(mean_weights)
     if nw != len(var_weights) or nw != (2 if rank2 or not using_bn else 3):
         raise ValueError(f"{nw} mixing weights do not fit a rank-{len(shape)} input with "

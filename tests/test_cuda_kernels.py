@@ -23,6 +23,19 @@ def test_compiles_for_sm90_without_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.skipif(not ops.library_path("sn_cuda").is_file() or shutil.which("readelf") is None,
+                    reason="libsn_cuda.so not built (make plugins) or readelf missing")
+def test_library_needs_no_driver_and_exports_the_api():
+    """libsn_cuda.so links cudart statically: it loads where only the driver is installed, and
+    links where not even that is (no libcuda / libcudart in NEEDED)."""
+    lib = str(ops.library_path("sn_cuda"))
+    needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
+    assert "libcuda.so" not in needed and "libcudart" not in needed, needed
+    symbols = subprocess.run(["readelf", "--dyn-syms", "-W", lib], capture_output=True, text=True).stdout
+    for name in ("sn_forward_cuda", "sn_cuda_workspace_size", "sn_error_string"):
+        assert f" {name}" in symbols
+
+
 def _gpu_reason() -> str | None:
     try:
         import torch
@@ -38,8 +51,9 @@ def _gpu_reason() -> str | None:
 gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
 
-def run_cuda(x, p, relu=False):
-    """Run libsn_cuda.so on torch CUDA tensors through ctypes."""
+def run_cuda(x, p, relu=False, misalign=False):
+    """Run libsn_cuda.so on torch CUDA tensors through ctypes (``misalign``: x and y one element
+    past an aligned address, so the vectorized paths must step aside)."""
     import torch
 
     lib = ctypes.CDLL(str(ops.library_path("sn_cuda")))
@@ -52,8 +66,13 @@ def run_cuda(x, p, relu=False):
                                 p["mean_weights"], p["var_weights"], 1e-5, relu)
     for k, t in tensors.items():
         setattr(params, k, None if t is None else t.data_ptr())
-    xt = torch.from_numpy(x).cuda()
-    yt = torch.empty_like(xt)
+    if misalign:
+        xt = torch.empty(x.size + 1, dtype=torch.from_numpy(x).dtype, device="cuda")[1:].view(x.shape)
+        xt.copy_(torch.from_numpy(x))
+        yt = torch.empty(x.size + 1, dtype=xt.dtype, device="cuda")[1:].view(x.shape)
+    else:
+        xt = torch.from_numpy(x).cuda()
+        yt = torch.empty_like(xt)
     L = params.L if not params.rank2 else 1
     ws = torch.empty(lib.sn_cuda_workspace_size(params.N, params.C, L), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
@@ -125,3 +144,35 @@ def test_deterministic_and_degenerate():
     np.testing.assert_array_equal(run_cuda(x, p), run_cuda(x, p))
     with pytest.raises(ValueError, match="returned 2"):
         run_cuda(np.ones((2, 32, 1, 1), np.float32), p)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape,using_bn", CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_fp16_matches_reference(shape, using_bn, relu):
+    nw = 2 if (len(shape) == 2 or not using_bn) else 3
+    p = params(shape[1], nw, using_bn)
+    x = np.random.default_rng(5).normal(0.5, 2, size=shape).astype(np.float16)
+    y = run_cuda(x, p, relu)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float64), ref(x, p, relu), rtol=2e-3, atol=4e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(2, 8, 32, 32), (3, 6, 20, 20), (4, 64)])
+def test_misaligned_pointers_take_the_scalar_path(dtype, shape):
+    p = params(shape[1], 3 if len(shape) > 2 else 2, True)
+    x = np.random.default_rng(6).normal(size=shape).astype(dtype)
+    tol = dict(rtol=2e-3, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_cuda(x, p, misalign=True).astype(np.float64), ref(x, p), **tol)
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp16_deterministic():
+    p = params(64, 3, True)
+    x = np.random.default_rng(7).normal(size=(4, 64, 56, 56)).astype(np.float16)
+    np.testing.assert_array_equal(run_cuda(x, p), run_cuda(x, p))

@@ -1,11 +1,19 @@
 """The compiled CPU kernel against the float64 reference."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from sn_deploy import ops, reference as R
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="libsn_cpu.so could not be built")
 
@@ -29,7 +37,7 @@ def nweights(shape, using_bn):
     return 2 if (len(shape) == 2 or not using_bn) else 3
 
 
-SHAPES = [((2, 5, 7, 11), True), ((1, 3, 5, 7), True), ((3, 4, 6, 6), False),
+SHAPES = [((3, 5, 7, 11), True), ((1, 3, 5, 7), True), ((3, 4, 6, 6), False),
           ((2, 3, 3, 4, 5), True), ((4, 7), True), ((1, 16, 600, 601), True)]
 
 
@@ -41,6 +49,17 @@ def test_fp32_matches_reference(shape, using_bn, relu, rng):
     y = ops.switchable_norm_cpu(x, **p, relu=relu)
     assert y.dtype == np.float32 and y.shape == x.shape
     np.testing.assert_allclose(y, ref(x, p, relu), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,using_bn", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_fp16_matches_reference(shape, using_bn, relu, rng):
+    """float16 in/out: within the output's own rounding (half an ulp is 4.9e-4 relative)."""
+    p = params(shape[1], nweights(shape, using_bn), using_bn)
+    x = rng.normal(0.3, 2.0, size=shape).astype(np.float16)
+    y = ops.switchable_norm_cpu(x, **p, relu=relu)
+    assert y.dtype == np.float16 and y.shape == x.shape
+    np.testing.assert_allclose(y.astype(np.float64), ref(x, p, relu), rtol=2e-3, atol=4e-3)
 
 
 @pytest.mark.parametrize("shape,using_bn", SHAPES[:5])
@@ -74,12 +93,14 @@ def test_constant_planes(rng):
     np.testing.assert_allclose(y, ref(x, p), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (4, 1)])
-def test_degenerate_is_an_error(shape):
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 3, 1), (1, 2, 1, 1, 1), (4, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_degenerate_is_an_error(shape, dtype):
+    """One value per normalized group: 0/0 unbiased variance is refused, never NaN."""
     using_bn = True
     p = params(shape[1], nweights(shape, using_bn), using_bn)
     with pytest.raises(ValueError, match="unbiased variance divides by zero"):
-        ops.switchable_norm_cpu(np.ones(shape, np.float32), **p)
+        ops.switchable_norm_cpu(np.ones(shape, dtype), **p)
 
 
 def test_argument_checks():
@@ -91,6 +112,11 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="mixing weights"):
         ops.switchable_norm_cpu(np.ones((2, 3, 4, 4), np.float32), **{**p, "running_mean": None,
                                                                        "running_var": None})
+    with pytest.raises(ValueError, match="rank-2"):
+        ops.switchable_norm_cpu(np.ones((2, 3), np.float32), **{**p, "running_mean": None,
+                                                                "running_var": None})
+    with pytest.raises(ValueError, match="together"):
+        ops.switchable_norm_cpu(np.ones((2, 3, 4, 4), np.float32), **{**p, "running_var": None})
 
 
 def test_threads_give_identical_results(rng):
@@ -110,11 +136,40 @@ def test_out_buffer(rng):
         ops.switchable_norm_cpu(x, **p, out=np.empty((2, 3, 5, 4), np.float32))
 
 
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 3), c=st.integers(1, 7), h=st.integers(1, 9), w=st.integers(2, 9),
-       using_bn=st.booleans(), relu=st.booleans(), seed=st.integers(0, 10_000))
-def test_property(n, c, h, w, using_bn, relu, seed):
-    p = params(c, 3 if using_bn else 2, using_bn, seed)
-    x = np.random.default_rng(seed).normal(1.0, 3.0, size=(n, c, h, w)).astype(np.float32)
-    np.testing.assert_allclose(ops.switchable_norm_cpu(x, **p, relu=relu), ref(x, p, relu),
-                               rtol=1e-5, atol=2e-5)
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(2, 7),
+       spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3).filter(
+           lambda s: len(s) == 0 or int(np.prod(s)) >= 2),
+       using_bn=st.booleans(), relu=st.booleans(), half=st.booleans(),
+       loc=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 10_000))
+def test_property(n, c, spatial, using_bn, relu, half, loc, seed):
+    """Random small shapes of every rank (2: SwitchNorm1d), both dtypes, offset inputs."""
+    shape = (n, c, *spatial)
+    using_bn = using_bn or len(shape) == 2
+    p = params(c, nweights(shape, using_bn), using_bn, seed)
+    x = np.random.default_rng(seed).normal(loc, 3.0, size=shape).astype(
+        np.float16 if half else np.float32)
+    y = ops.switchable_norm_cpu(x, **p, relu=relu).astype(np.float64)
+    tol = dict(rtol=2e-3, atol=4e-3) if half else dict(rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(y, ref(x, p, relu), **tol)
+
+
+def test_missing_toolchain_is_a_clear_runtime_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SN_DEPLOY_PLUGIN_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RuntimeError, match="cmake -S plugins -B build/plugins"):
+        ops._build_cpu_library()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_builds_on_first_use(tmp_path):
+    """A fresh process with an empty plugin folder configures and builds libsn_cpu.so itself."""
+    code = ("import numpy as np; from sn_deploy import ops; "
+            "y = ops.switchable_norm_cpu(np.ones((1, 2, 2, 2), np.float32), np.ones(2), np.zeros(2), "
+            "None, None, [0.5, 0.5], [0.5, 0.5]); print(ops.library_path())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "SN_DEPLOY_PLUGIN_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "libsn_cpu.so").is_file()

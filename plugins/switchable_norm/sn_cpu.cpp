@@ -24,20 +24,25 @@ constexpr int LANES = 16;  // independent accumulators: hides the add latency, 4
 // float16 <-> float32 for a run: F16C instructions where the CPU has them (checked once at
 // run time, so the library still loads on CPUs without), else the portable conversion.
 #if defined(__x86_64__)
-__attribute__((target("f16c"))) void half_to_float_f16c(const uint16_t* s, float* d, int64_t n) {
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* s, float* d, int64_t n) {
   int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
   for (; i + 4 <= n; i += 4)
     _mm_storeu_ps(d + i, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i))));
   for (; i < n; ++i) d[i] = sn::half_to_float(s[i]);
 }
-__attribute__((target("f16c"))) void float_to_half_f16c(const float* s, uint16_t* d, int64_t n) {
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* s, uint16_t* d, int64_t n) {
   int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i + 4 <= n; i += 4)
     _mm_storel_epi64(reinterpret_cast<__m128i*>(d + i),
                      _mm_cvtps_ph(_mm_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i < n; ++i) d[i] = sn::float_to_half(s[i]);
 }
-const bool kHasF16C = __builtin_cpu_supports("f16c");
+const bool kHasF16C = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
 #else
 constexpr bool kHasF16C = false;
 #endif
