@@ -1,9 +1,17 @@
 """Session factory: providers by availability, the custom-op form, clear errors."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import onnx
 import pytest
+
+from sn_deploy import onnx_ops
+from sn_deploy.passes.decompose import decompose_model
 
 from sn_deploy.errors import InputError
 from sn_deploy.runtime import onnxruntime as rt
@@ -35,6 +43,83 @@ def test_bad_model_files(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(InputError, match="ONNX"):
         rt.create_session(tmp_path / "bad.onnx")
+
+
+@pytest.mark.parametrize("shape,using_bn,relu", [
+    ((2, 5, 7, 7), True, False), ((1, 3, 6, 6), False, False), ((4, 9), True, False),
+    ((2, 3, 3, 4, 5), True, True), ((3, 5, 7, 11), False, True),
+])
+def test_python_custom_op_matches_reference(shape, using_bn, relu, rng):
+    """The onnxruntime-extensions route (forced even where the native library is built)."""
+    model, p = sn_model(shape, using_bn, relu=relu)
+    x = rng.normal(0.5, 2.0, size=shape).astype(np.float32)
+    sess = rt.create_session(model, native_op=False, threads=1)
+    np.testing.assert_allclose(rt.run(sess, {"X": x})["l.output"], ref(x, p, relu=relu),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_python_custom_op_reference_fallback(monkeypatch, rng):
+    """Without the compiled kernel the op computes with the float64 reference, cast to float32."""
+    from sn_deploy import ops
+
+    monkeypatch.setattr(ops, "available", lambda: False)
+    monkeypatch.setattr(rt, "native_op_library", lambda: None)
+    assert rt.implementation() == "reference"
+    model, p = sn_model((2, 4, 5, 6))
+    x = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
+    y = rt.run(rt.create_session(model), {"X": x})["l.output"]
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, ref(x, p), rtol=1e-6, atol=1e-6)
+
+
+def test_python_custom_op_model_form():
+    """In-memory copy: same domain and op, weight lists as JSON strings, five inputs."""
+    model, p = sn_model((2, 3, 5, 5), using_bn=False)
+    before = model.SerializeToString()
+    node = rt._for_pyop(model).graph.node[0]
+    assert (node.domain, node.op_type) == (onnx_ops.DOMAIN, onnx_ops.OP_TYPE)
+    assert len(node.input) == 5 and node.input[3] == node.input[4] == "sn_deploy.empty"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    np.testing.assert_allclose(np.array(json.loads(attrs["mean_weights"])), p["mw"], rtol=1e-7)
+    assert model.SerializeToString() == before
+
+
+def test_python_custom_op_refuses_float16():
+    model, _ = sn_model((2, 4, 8, 8), dtype=np.float16)
+    with pytest.raises(InputError, match="float32 models only"):
+        rt.create_session(model, native_op=False)
+
+
+def test_session_options_and_providers():
+    model, _ = sn_model((2, 3, 4, 4))
+    sess = rt.create_session(decompose_model(model), threads=1, providers=["CPUExecutionProvider"])
+    opts = sess.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    spin = rt.create_session(decompose_model(model), spinning=True).get_session_options()
+    assert spin.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    info = rt.session_info(sess)
+    assert info["outputs"] == [{"name": "l.output", "shape": [2, 3, 4, 4], "type": "tensor(float)"}]
+
+
+def test_no_log_spam_on_cpu(tmp_path):
+    """A CPU user of onnxruntime-gpu sees nothing on stderr: both model forms, in a fresh process."""
+    model, _ = sn_model((2, 3, 4, 4))
+    onnx.save(model, tmp_path / "m.sn.onnx")
+    onnx.save(decompose_model(model), tmp_path / "m.onnx")
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from sn_deploy.runtime.onnxruntime import create_session
+        for name in ("m.sn.onnx", "m.onnx"):
+            for native in (True, False):
+                s = create_session(r"{tmp_path}/" + name, native_op=native)
+                s.run(None, {{"X": np.ones((2, 3, 4, 4), np.float32)}})
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if rt.cuda_device_count() == 0:
+        assert proc.stderr == ""
 
 
 native = pytest.mark.skipif(rt.native_op_library() is None,

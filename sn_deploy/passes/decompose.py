@@ -1,24 +1,38 @@
 """Lower every ``sn_deploy::SwitchableNorm`` node to standard ONNX ops (runs on any backend).
 
-Per node the work on the activation is three passes: the per-plane mean (ReduceMean), the centred
-sum of squares (Sub + ReduceSumSquare: two-pass variance, exact on inputs whose mean dwarfs their
-spread, where E[x²]−E[x]² loses every digit in float32), and one fused application
-``y = x·A + B`` with per-(n, c) A, B.  Everything else runs on the tiny (N, C, 1…) statistics,
-with the per-channel constants (softmaxed weights × running stats, gamma, beta) folded in numpy
-when the graph is built.
+Per node the work on the activation is four light passes: the per-plane mean (ReduceMean), the
+centred sum of squares (Sub, Mul, ReduceSum: two-pass variance, exact on inputs whose mean dwarfs
+their spread, where E[x²]−E[x]² loses every digit in float32), and the application
+``y = x·A + B`` (one Mul, one Add) with per-(n, c) A = scale/sqrt(var+eps), B = bias − mean·A.
+Everything else runs on the tiny (N, C, 1…) statistics, with the per-channel constants (softmaxed
+weights × running stats, gamma, beta) folded in numpy when the graph is built.
 
-The application is a BatchNormalization over the (1, N·C, L) view of the input with A as scale,
-B as bias, zero mean and unit variance: onnxruntime runs that as one pass, where Mul then Add are
-two (measured on 8x64x56x56 fp32, 2 threads: Mul+Add 1.9 ms, BatchNormalization 1.0 ms).
+Forms measured on one 8x64x56x56 fp32 layer, onnxruntime 1.31 CPU, 2 shared cores, interleaved
+runs, min (median) ms at 1 / 2 threads, static shape:
 
-With static shapes every view is a constant, so the lowered graph needs no further cleanup: onnxslim
-on the ResNet-50 decomposition only folded those shape computations and changed latency by less
-than the run-to-run spread (±7%), so it is not a dependency.
+=====================================  ===============  ===============
+centred sum of squares, application     1 thread         2 threads
+=====================================  ===============  ===============
+ReduceSumSquare(d), BatchNorm (1,NC,L)  2.36 (3.05)      2.31 (2.81)
+ReduceSumSquare(d), Mul + Add           2.38 (3.07)      2.30 (2.75)
+ReduceSum(d·d), Mul + Add  (kept)       1.49 (2.28)      1.51 (1.86)
+=====================================  ===============  ===============
+
+onnxruntime's ReduceSumSquare takes a slow generic path where ReduceSum over trailing axes has a
+fast one; the application alone is a draw (Mul+Add 0.48 ms, BatchNormalization over the
+(1, N·C, L) view 0.45 ms at 1 thread) so the simpler Mul + Add is kept: no reshapes, no Shape
+chain for dynamic shapes, and other backends fuse it.  The same holds with dynamic spatial axes.
+The pattern does not match onnxruntime's LayerNormalization fusion, whose one-pass variance
+would break the offset-input accuracy.
 
 The unbiased IN variance (÷(L−1)) is reproduced exactly: a constant factor for static spatial
 sizes, computed from Shape for dynamic ones.  Spatial size 1 makes that variance 0/0 = NaN, as in
-the official code: the exporter refuses such static shapes, and with dynamic spatial axes the
-decomposed graph returns NaN for them (sn-validate and the server reject NaN outputs).
+the official code: this pass (like the exporter) refuses such static shapes, while with dynamic
+spatial axes the decomposed graph returns NaN for them at run time (sn-validate and the server
+reject NaN outputs).
+
+Reductions take ``axes`` as an attribute or, from the opset where each op changed (ReduceSum 13,
+the others 18), as an input; the form follows the model's default-domain opset.
 """
 from __future__ import annotations
 
@@ -29,12 +43,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sn_deploy import onnx_ops
+from sn_deploy.errors import InputError
 
 _FLOAT = np.float32
-
-
-def _opset(graph: gs.Graph) -> int:
-    return int(graph.opset)
+#: opset from which a Reduce* op takes ``axes`` as an input instead of an attribute
+_AXES_INPUT_SINCE = {"ReduceSum": 13}
+_AXES_INPUT_DEFAULT = 18
 
 
 class _Builder:
@@ -42,7 +56,7 @@ class _Builder:
 
     def __init__(self, graph: gs.Graph, prefix: str):
         self.graph, self.prefix, self.count = graph, prefix, 0
-        self.opset = _opset(graph)
+        self.opset = int(graph.opset)
 
     def _name(self, op: str) -> str:
         self.count += 1
@@ -60,31 +74,49 @@ class _Builder:
         return gs.Constant(self._name(name), np.ascontiguousarray(np.asarray(value, dtype=dtype)))
 
     def reduce(self, op: str, x, axes: list[int], keepdims: int = 1, dtype=_FLOAT) -> gs.Variable:
-        if self.opset >= 18:
+        if self.opset >= _AXES_INPUT_SINCE.get(op, _AXES_INPUT_DEFAULT):
             return self.op(op, x, self.const(axes, "axes", np.int64),
                            attrs={"keepdims": keepdims}, dtype=dtype)
         return self.op(op, x, attrs={"axes": axes, "keepdims": keepdims}, dtype=dtype)
 
 
-def _unbiased_factor(b: _Builder, x: gs.Variable, count_axes: list[int], shape) -> gs.Tensor:
-    """1/(L−1) for the elements reduced over: a constant when static, else from Shape."""
-    dims = [shape[a] if shape is not None else None for a in count_axes]
+def _inv_count_minus_one(b: _Builder, node: gs.Node, x: gs.Variable, axes: list[int]
+                         ) -> gs.Tensor:
+    """1/(L−1) for the L elements reduced over: a constant when static, else from Shape."""
+    dims = [x.shape[a] if x.shape is not None else None for a in axes]
     if all(isinstance(d, int) and d > 0 for d in dims):
         L = int(np.prod(dims))
-        with np.errstate(divide="ignore"):
-            return b.const(np.float32(1.0) / np.float32(L - 1), "inv_l_minus_1")
+        if L < 2:
+            raise InputError(
+                f"SwitchableNorm '{node.name}' normalizes over {L} element per plane (input "
+                f"{tuple(x.shape)}): the unbiased variance is NaN; use a larger input shape"
+            )
+        return b.const(1.0 / (L - 1), "inv_l_minus_1")
     shp = b.op("Shape", x, dtype=np.int64)
-    picked = b.op("Gather", shp, b.const(count_axes, "count_axes", np.int64), attrs={"axis": 0},
+    picked = b.op("Gather", shp, b.const(axes, "count_axes", np.int64), attrs={"axis": 0},
                   dtype=np.int64)
-    L = b.reduce("ReduceProd", picked, [0], keepdims=0, dtype=np.int64)
-    Lf = b.op("Cast", L, attrs={"to": onnx.TensorProto.FLOAT})
-    return b.op("Reciprocal", b.op("Sub", Lf, b.const(1.0, "one")))
+    L = b.op("Cast", b.reduce("ReduceProd", picked, [0], keepdims=0, dtype=np.int64),
+             attrs={"to": onnx.TensorProto.FLOAT})
+    return b.op("Reciprocal", b.op("Sub", L, b.const(1.0, "one")))
+
+
+def _centred_moments(b: _Builder, node: gs.Node, x: gs.Variable, axes: list[int]
+                     ) -> tuple[gs.Variable, gs.Variable]:
+    """Mean and unbiased variance over ``axes`` (keepdims), two-pass: sum((x−mean)²)/(L−1)."""
+    mean = b.reduce("ReduceMean", x, axes)
+    d = b.op("Sub", x, mean)
+    ss = b.reduce("ReduceSum", b.op("Mul", d, d), axes)
+    return mean, b.op("Mul", ss, _inv_count_minus_one(b, node, x, axes))
 
 
 def _attrs(node: gs.Node) -> tuple[float, np.ndarray, np.ndarray, bool]:
     eps = float(node.attrs.get(onnx_ops.ATTR_EPSILON, 1e-5))
-    mw = np.asarray(node.attrs[onnx_ops.ATTR_MEAN_WEIGHTS], np.float64)
-    vw = np.asarray(node.attrs[onnx_ops.ATTR_VAR_WEIGHTS], np.float64)
+    try:
+        mw = np.asarray(node.attrs[onnx_ops.ATTR_MEAN_WEIGHTS], np.float64).reshape(-1)
+        vw = np.asarray(node.attrs[onnx_ops.ATTR_VAR_WEIGHTS], np.float64).reshape(-1)
+    except KeyError as exc:
+        raise InputError(f"SwitchableNorm '{node.name}' lacks the {exc} attribute; "
+                         "re-export the model with sn-export") from None
     return eps, mw, vw, bool(node.attrs.get(onnx_ops.ATTR_RELU, 0))
 
 
@@ -93,77 +125,61 @@ def _constant_input(node: gs.Node, index: int) -> Optional[np.ndarray]:
         return None
     t = node.inputs[index]
     if not isinstance(t, gs.Constant):
-        raise ValueError(
+        raise InputError(
             f"SwitchableNorm '{node.name}': input {index} ('{t.name}') must be an initializer to "
             "be decomposed; fold constants first"
         )
     return np.asarray(t.values, np.float64).reshape(-1)
 
 
-def _apply_affine(b: _Builder, x, a, bias, rank: int, out: gs.Variable) -> gs.Variable:
-    """y = x·A + B, A/B of shape (N, C, 1…): one BatchNormalization over (1, N·C, L).
-
-    With a static input shape the views are constants; otherwise they are computed from Shape.
-    """
-    if rank == 2:
-        return b.op("Add", b.op("Mul", x, a), bias, out=out)
-    shape = list(x.shape) if x.shape is not None else []
-    flat = b.const([-1], "flat", np.int64)
-    a1, b1 = b.op("Reshape", a, flat), b.op("Reshape", bias, flat)
-    if len(shape) == rank and all(isinstance(d, int) and d > 0 for d in shape):
-        nc = shape[0] * shape[1]
-        x3 = b.op("Reshape", x, b.const([1, nc, -1], "bn_view", np.int64))
-        zeros, ones = b.const(np.zeros(nc), "zeros"), b.const(np.ones(nc), "ones")
-        back = b.const(shape, "shape", np.int64)
-    else:
-        back = b.op("Shape", x, dtype=np.int64)
-        n_c = b.op("Slice", back, b.const([0], "s0", np.int64), b.const([2], "s2", np.int64),
-                   dtype=np.int64)
-        view = b.op("Concat", b.const([1], "one_i", np.int64),
-                    b.reduce("ReduceProd", n_c, [0], dtype=np.int64),
-                    b.const([-1], "minus1", np.int64), attrs={"axis": 0}, dtype=np.int64)
-        x3 = b.op("Reshape", x, view)  # (N, C, *S) → (1, N·C, prod S)
-        zeros = b.op("Mul", a1, b.const(0.0, "zero"))
-        ones = b.op("Add", zeros, b.const(1.0, "one"))
-    y3 = b.op("BatchNormalization", x3, a1, b1, zeros, ones, attrs={"epsilon": 0.0})
-    return b.op("Reshape", y3, back, out=out)
+def _check(node: gs.Node, rank: Optional[int], x: gs.Variable, scale, beta, rm, rv, mw, vw
+           ) -> None:
+    """Refuse inconsistent nodes with a message, not an IndexError deep in numpy."""
+    where = f"SwitchableNorm '{node.name}'"
+    if rank is None or rank < 2:
+        raise InputError(f"{where}: input rank {'unknown' if rank is None else rank}; the input "
+                         "must be (N, C) or (N, C, *spatial) with a known rank")
+    if scale is None or beta is None:
+        raise InputError(f"{where}: scale and bias inputs are required")
+    if (rm is None) != (rv is None):
+        raise InputError(f"{where}: running_mean and running_var come together or not at all")
+    C = scale.size
+    sizes = {a.size for a in (beta, rm, rv) if a is not None}
+    channels = x.shape[1] if x.shape is not None and len(x.shape) > 1 else None
+    if sizes - {C} or (isinstance(channels, int) and channels != C):
+        raise InputError(f"{where}: per-channel inputs disagree on C (scale has {C})")
+    expected = 2 if (rank == 2 or rm is None) else 3
+    if rank == 2 and rm is None:
+        raise InputError(f"{where}: rank-2 input (SwitchNorm1d) needs running statistics")
+    if mw.size != expected or vw.size != expected:
+        raise InputError(f"{where}: expected {expected} mean/var weights, got {mw.size}/{vw.size}")
 
 
 def _lower_node(graph: gs.Graph, node: gs.Node) -> None:
-    x = node.inputs[0]
-    y = node.outputs[0]
+    x, y = node.inputs[0], node.outputs[0]
     eps, mw, vw, relu = _attrs(node)
     scale, beta = _constant_input(node, 1), _constant_input(node, 2)
     rm, rv = _constant_input(node, 3), _constant_input(node, 4)
     rank = len(x.shape) if x.shape is not None else (len(y.shape) if y.shape is not None else None)
-    if rank is None:
-        raise ValueError(f"SwitchableNorm '{node.name}': input rank unknown; run shape inference")
+    _check(node, rank, x, scale, beta, rm, rv, mw, vw)
     C = scale.size
     b = _Builder(graph, node.name or "sn")
     node.outputs = []  # detach: y gets a new producer below
-    out_dtype = y.dtype if y.dtype is not None else x.dtype
-    is_half = out_dtype == np.float16
+    is_half = (y.dtype if y.dtype is not None else x.dtype) == np.float16
     xf = b.op("Cast", x, attrs={"to": onnx.TensorProto.FLOAT}) if is_half else x
-    result = gs.Variable(f"{node.name}/out_f32", dtype=_FLOAT) if is_half or relu else y
+    if is_half:
+        xf.shape = x.shape  # the static-size check reads it
+    stat_shape = (1, C) + (1,) * (rank - 2)
 
     if rank == 2:
         # SwitchNorm1d: LN over C (unbiased), BN from running stats; weights [LN, BN]
-        mean_ln = b.reduce("ReduceMean", xf, [1])
-        d = b.op("Sub", xf, mean_ln)
-        var_ln = b.op("Mul", b.reduce("ReduceSumSquare", d, [1]),
-                      _unbiased_factor(b, xf, [1], x.shape))
+        mean_ln, var_ln = _centred_moments(b, node, xf, [1])
         mean = b.op("Add", b.op("Mul", mean_ln, b.const(mw[0], "w_ln")),
-                    b.const((mw[1] * rm).reshape(1, C), "bn_mean"))
+                    b.const((mw[1] * rm).reshape(stat_shape), "bn_mean"))
         var = b.op("Add", b.op("Mul", var_ln, b.const(vw[0], "v_ln")),
-                   b.const((vw[1] * rv).reshape(1, C), "bn_var"))
-        stat_shape = (1, C)
+                   b.const((vw[1] * rv).reshape(stat_shape), "bn_var"))
     else:
-        axes = list(range(2, rank))
-        stat_shape = (1, C) + (1,) * (rank - 2)
-        mean_in = b.reduce("ReduceMean", xf, axes)
-        d = b.op("Sub", xf, mean_in)
-        var_in = b.op("Mul", b.reduce("ReduceSumSquare", d, axes),
-                      _unbiased_factor(b, xf, axes, x.shape))
+        mean_in, var_in = _centred_moments(b, node, xf, list(range(2, rank)))
         mean_ln = b.reduce("ReduceMean", mean_in, [1])
         dm = b.op("Sub", mean_in, mean_ln)
         var_ln = b.op("Add", b.reduce("ReduceMean", var_in, [1]),
@@ -172,13 +188,15 @@ def _lower_node(graph: gs.Graph, node: gs.Node) -> None:
                     b.op("Mul", mean_ln, b.const(mw[1], "w_ln")))
         var = b.op("Add", b.op("Mul", var_in, b.const(vw[0], "v_in")),
                    b.op("Mul", var_ln, b.const(vw[1], "v_ln")))
-        if rm is not None:
+        if rm is not None:  # w2·running_mean and v2·running_var folded per channel
             mean = b.op("Add", mean, b.const((mw[2] * rm).reshape(stat_shape), "bn_mean"))
             var = b.op("Add", var, b.const((vw[2] * rv).reshape(stat_shape), "bn_var"))
-    inv_std = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(eps, "eps"))))
-    a = b.op("Mul", inv_std, b.const(scale.reshape(stat_shape), "scale"))
+    # on the (N, C, 1…) statistics: A = gamma/sqrt(var + eps), B = beta − mean·A
+    a = b.op("Div", b.const(scale.reshape(stat_shape), "scale"),
+             b.op("Sqrt", b.op("Add", var, b.const(eps, "eps"))))
     shift = b.op("Sub", b.const(beta.reshape(stat_shape), "bias"), b.op("Mul", mean, a))
-    result = _apply_affine(b, xf, a, shift, rank, result)
+    final = None if (is_half or relu) else y
+    result = b.op("Add", b.op("Mul", xf, a), shift, out=final)
     if relu:
         result = b.op("Relu", result, out=None if is_half else y)
     if is_half:
@@ -190,7 +208,11 @@ def is_sn_node(node: gs.Node) -> bool:
 
 
 def decompose(graph: gs.Graph) -> gs.Graph:
-    """Replace every SwitchableNorm node with standard ops; output tensor names are kept."""
+    """Replace every SwitchableNorm node with standard ops; each keeps its output tensor name.
+
+    Raises :class:`~sn_deploy.errors.InputError` for nodes that cannot be lowered (parameters
+    that are not initializers, unknown rank, a static shape with one element per plane).
+    """
     for node in [n for n in graph.nodes if is_sn_node(n)]:
         _lower_node(graph, node)
         node.inputs = []
@@ -199,9 +221,13 @@ def decompose(graph: gs.Graph) -> gs.Graph:
 
 
 def decompose_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Decompose a model.sn.onnx; the custom opset import is dropped when no node uses it."""
-    graph = gs.import_onnx(model)
-    graph = decompose(graph)
+    """Decompose a model.sn.onnx; the ``sn_deploy`` opset import is dropped when no node uses it.
+
+    Shapes are inferred first so every SN input has a known rank, and the result is checked and
+    shape-inferred again.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = decompose(gs.import_onnx(inferred))
     out = gs.export_onnx(graph, do_type_check=True)
     if not any(n.domain == onnx_ops.DOMAIN for n in out.graph.node):
         kept = [o for o in out.opset_import if o.domain != onnx_ops.DOMAIN]

@@ -3,14 +3,22 @@
 * ``model.onnx`` (standard ops) runs as is.
 * ``model.sn.onnx`` needs the ``sn_deploy::SwitchableNorm`` kernel. Preferred: the native
   custom-op library ``libsn_ort_op.so`` (C++, the CPU kernel; the same file Triton's onnxruntime
-  backend loads). Fallback when it is not built: an onnxruntime-extensions Python custom op. That
-  bridge only passes scalar/string attributes and a fixed input list, so its session is built from
-  an in-memory copy whose SN nodes are rewritten to ``ai.onnx.contrib::SwitchableNorm`` with the
-  weight lists as strings and all five inputs present (the file on disk is untouched); it computes
-  with the compiled CPU kernel (:mod:`sn_deploy.ops`) when built, else with the float64 reference.
+  backend loads). Fallback when it is not built: an onnxruntime-extensions Python custom op,
+  registered as ``onnx_op(op_type="sn_deploy::SwitchableNorm")`` (0.15 splits ``domain::type``,
+  so the node keeps its own domain and opset import). What that bridge cannot do, found by
+  trying 0.15: it reads only int64/float/string *scalar* attributes (a FLOATS attribute fails
+  session creation with "Attribute name and type don't match" whether declared dt_float or
+  dt_string), and it takes a fixed input list (an empty optional input is "marked single but has
+  an empty string"). So its session is built from an in-memory copy whose SN nodes carry the
+  weight lists as JSON strings and all five inputs (absent running stats → an empty tensor); the
+  file on disk is untouched. The op computes with the compiled CPU kernel
+  (:func:`sn_deploy.ops.switchable_norm_cpu`) when it loads, else with the float64 reference
+  cast to the input dtype; :func:`implementation` says which. It is float32 only, and slow on
+  large tensors (the bridge copies outputs through Python lists): it is there for comparison.
 
-The CUDA provider is requested only when a CUDA driver and device are present, so CPU machines
-with onnxruntime-gpu see no provider-loading errors.
+The CUDA provider is requested only when a CUDA driver and device are present (libcuda via
+ctypes, cuDeviceGetCount ≥ 1), so CPU machines with onnxruntime-gpu see no provider-loading
+errors; sessions log at severity ERROR and above only.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import onnx
@@ -27,8 +35,10 @@ import onnx
 from sn_deploy import onnx_ops
 from sn_deploy.errors import InputError
 
+if TYPE_CHECKING:
+    import onnxruntime
+
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
-_CONTRIB = "ai.onnx.contrib"
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,7 +131,7 @@ def _register_pyop() -> None:
 
     f = PyCustomOpDef.dt_float
 
-    @onnx_op(op_type="SwitchableNorm", inputs=[f, f, f, f, f], outputs=[f],
+    @onnx_op(op_type=f"{onnx_ops.DOMAIN}::{onnx_ops.OP_TYPE}", inputs=[f, f, f, f, f], outputs=[f],
              attrs={"epsilon": PyCustomOpDef.dt_float, "mean_weights": PyCustomOpDef.dt_string,
                     "var_weights": PyCustomOpDef.dt_string, "relu": PyCustomOpDef.dt_int64})
     def switchable_norm(x, scale, bias, running_mean, running_var, **attrs):
@@ -134,9 +144,12 @@ def _register_pyop() -> None:
 
 
 def _for_pyop(model: onnx.ModelProto) -> onnx.ModelProto:
-    """In-memory copy with SN nodes in the form the Python custom-op bridge can call."""
+    """In-memory copy with SN nodes in the form the Python custom-op bridge can call.
+
+    Same domain and op type; weight lists as JSON strings, all five inputs present.
+    """
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    empty = onnx.numpy_helper.from_array(np.zeros(0, np.float32), "sn_deploy.empty")
+    empty_name = "sn_deploy.empty"
     needs_empty = False
     for node in model.graph.node:
         if node.domain != onnx_ops.DOMAIN or node.op_type != onnx_ops.OP_TYPE:
@@ -144,26 +157,32 @@ def _for_pyop(model: onnx.ModelProto) -> onnx.ModelProto:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         del node.attribute[:]
         node.attribute.extend([
-            onnx.helper.make_attribute("epsilon", float(attrs.get("epsilon", 1e-5))),
-            onnx.helper.make_attribute("mean_weights", json.dumps(list(attrs["mean_weights"]))),
-            onnx.helper.make_attribute("var_weights", json.dumps(list(attrs["var_weights"]))),
-            onnx.helper.make_attribute("relu", int(attrs.get("relu", 0))),
+            onnx.helper.make_attribute(onnx_ops.ATTR_EPSILON,
+                                       float(attrs.get(onnx_ops.ATTR_EPSILON, 1e-5))),
+            onnx.helper.make_attribute(onnx_ops.ATTR_MEAN_WEIGHTS,
+                                       json.dumps(list(attrs[onnx_ops.ATTR_MEAN_WEIGHTS]))),
+            onnx.helper.make_attribute(onnx_ops.ATTR_VAR_WEIGHTS,
+                                       json.dumps(list(attrs[onnx_ops.ATTR_VAR_WEIGHTS]))),
+            onnx.helper.make_attribute(onnx_ops.ATTR_RELU, int(attrs.get(onnx_ops.ATTR_RELU, 0))),
         ])
-        inputs = [i if i else "sn_deploy.empty" for i in node.input]
-        inputs += ["sn_deploy.empty"] * (5 - len(inputs))
-        needs_empty |= "sn_deploy.empty" in inputs
+        inputs = [i if i else empty_name for i in node.input]
+        inputs += [empty_name] * (5 - len(inputs))
+        needs_empty |= empty_name in inputs
         del node.input[:]
         node.input.extend(inputs)
-        node.domain = _CONTRIB
         del node.metadata_props[:]
     if needs_empty:
-        model.graph.initializer.append(empty)
-    opsets = {o.domain: o.version for o in model.opset_import}
-    opsets.pop(onnx_ops.DOMAIN, None)
-    opsets.setdefault(_CONTRIB, 1)
-    del model.opset_import[:]
-    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.zeros(0, np.float32), empty_name))
     return model
+
+
+def _sn_elem_types(model: onnx.ModelProto) -> set[int]:
+    """Element types of the SN nodes' X inputs, as far as the model states them."""
+    known = {v.name: v.type.tensor_type.elem_type
+             for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    return {known.get(n.input[0], onnx.TensorProto.FLOAT) for n in model.graph.node
+            if n.domain == onnx_ops.DOMAIN and n.op_type == onnx_ops.OP_TYPE}
 
 
 # --------------------------------------------------------------------------- sessions
@@ -174,9 +193,12 @@ def create_session(
     providers: Optional[list[str]] = None,
     spinning: bool = False,
     native_op: bool = True,
-):
+) -> "onnxruntime.InferenceSession":
     """An InferenceSession for any of the model forms (custom op registered when needed).
 
+    ``threads`` sets the intra-op pool (None: onnxruntime's default, one per core); ``spinning``
+    lets idle pool threads busy-wait (lower latency, burns cores: off by default so a server's
+    workers do not starve each other); ``providers`` overrides :func:`default_providers`;
     ``native_op=False`` forces the Python custom op (for comparing the two).
     """
     import onnxruntime as ort
@@ -194,6 +216,10 @@ def create_session(
         else:
             from onnxruntime_extensions import get_library_path
 
+            if _sn_elem_types(proto) - {onnx.TensorProto.FLOAT}:
+                raise InputError(
+                    "the Python SwitchableNorm op runs float32 models only: build the native op "
+                    "library (make plugins) or run the decomposed model.onnx")
             _register_pyop()
             opts.register_custom_ops_library(get_library_path())
             proto = _for_pyop(proto)
@@ -205,13 +231,14 @@ def create_session(
         raise InputError(f"ONNX Runtime cannot load the model: {first}") from None
 
 
-def run(session, feeds: dict[str, np.ndarray], outputs: Optional[list[str]] = None
+def run(session: "onnxruntime.InferenceSession", feeds: dict[str, np.ndarray], outputs: Optional[list[str]] = None
         ) -> dict[str, np.ndarray]:
+    """Run and return ``{output name: array}`` (all outputs unless ``outputs`` names some)."""
     names = outputs or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 
 
-def session_info(session) -> dict:
+def session_info(session: "onnxruntime.InferenceSession") -> dict:
     """Providers and the I/O signature, for logs and the server's metadata."""
     io = lambda ts: [{"name": t.name, "shape": t.shape, "type": t.type} for t in ts]  # noqa: E731
     return {"providers": session.get_providers(), "inputs": io(session.get_inputs()),
