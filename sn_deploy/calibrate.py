@@ -11,16 +11,20 @@ computed here in float64 in the cancellation-free form ``mean_i(var_bn_i) +
 mean_i((mean_bn_i − running_mean)²)``.  Only the SN layers run in training mode (so later layers
 see batch-normalized activations, as in the official procedure); dropout and plain BatchNorm stay
 in eval, and no parameter changes.  ``precise_bn=True`` batch-averages plain BatchNorm layers with
-the same pooled rule (their unbiased per-batch variance, matching torch's running_var convention).
+the same pooled rule: they too normalize with batch statistics during the pass (as SN does, so later
+layers see what they saw in training; their buffers are not touched by the forward), and the pooled
+variance is built from their *unbiased* per-batch variances, torch's convention for
+``BatchNorm.running_var`` (``num_batches_tracked`` is left as it is).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sn_deploy.errors import InputError
 from sn_deploy.nn import DegenerateInputError, _SwitchNorm, switch_norm_layers
@@ -37,7 +41,8 @@ class _PooledStats:
 
     def __init__(self, shift: torch.Tensor) -> None:
         self.count = 0
-        self.shift = shift.detach().double().reshape(-1).clone()
+        # a non-finite stored mean (broken checkpoint) must not poison the sums
+        self.shift = shift.detach().double().reshape(-1).nan_to_num(0.0, 0.0, 0.0)
         self.sum_mean = torch.zeros_like(self.shift)
         self.sum_var = torch.zeros_like(self.shift)
         self.sum_sq = torch.zeros_like(self.shift)
@@ -98,9 +103,31 @@ class CalibrationResult:
 
 
 def _bn_batch_stats(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and unbiased variance (torch's running_var convention)."""
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x.double(), dim=dims, unbiased=True)
     return mean, var
+
+
+def _bn_train_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm output (batch statistics) without touching the running buffers."""
+    return F.batch_norm(x, None, None, layer.weight, layer.bias, training=True, momentum=0.0,
+                        eps=layer.eps)
+
+
+def _calibrated_layers(model: nn.Module, precise_bn: bool) -> tuple[list, list]:
+    sn_layers = [(n, m) for n, m in switch_norm_layers(model) if m.using_bn]
+    bn_layers = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, _BN_TYPES) and m.running_mean is not None] if precise_bn else []
+    if not sn_layers and not bn_layers:
+        has_sn = bool(switch_norm_layers(model))
+        raise InputError(
+            "the model has no SwitchNorm layer with a BN branch"
+            + (" (all use using_bn=False)" if has_sn else "")
+            + (" and no BatchNorm layer with running statistics" if precise_bn else "")
+            + ": there is nothing to calibrate; skip calibration and export it as it is"
+        )
+    return sn_layers, bn_layers
 
 
 def calibrate_batch_average(
@@ -117,12 +144,12 @@ def calibrate_batch_average(
     ``batches`` holds its share of the K batches; the sums are all-reduced once at the end, so
     every rank ends with the statistics of all K batches.
     """
-    sn_layers = [(n, m) for n, m in switch_norm_layers(model) if m.using_bn]
-    bn_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)] \
-        if precise_bn else []
+    sn_layers, bn_layers = _calibrated_layers(model, precise_bn)
     stats = {n: _PooledStats(m.running_mean) for n, m in sn_layers + bn_layers}
     was_training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
+    observers = {m: m.batch_stats_observer for _, m in sn_layers}
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
     hooks = []
 
     def sn_observer(layer: _SwitchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -137,9 +164,10 @@ def calibrate_batch_average(
             m.train()
             m.batch_stats_observer = sn_observer
         for name, m in bn_layers:
-            def hook(mod, args, name=name):
+            def hook(mod, args, output, name=name):
                 stats[name].add(*_bn_batch_stats(mod, args[0]))
-            hooks.append(m.register_forward_pre_hook(hook))
+                return _bn_train_forward(mod, args[0])
+            hooks.append(m.register_forward_hook(hook))
         samples, start = 0, time.perf_counter()
         iterator = _progress(batches, num_batches, progress)
         with torch.no_grad():
@@ -147,10 +175,10 @@ def calibrate_batch_average(
                 if i >= num_batches:
                     break
                 try:
-                    model(batch)
+                    model(batch.to(device))
                 except DegenerateInputError as exc:
                     raise InputError(f"calibration batch {i}: {exc}") from None
-                except RuntimeError as exc:
+                except (RuntimeError, ValueError) as exc:
                     first = str(exc).strip().splitlines()[0][:200]
                     raise InputError(
                         f"the model rejects calibration batch {i} of shape {tuple(batch.shape)} "
@@ -160,8 +188,8 @@ def calibrate_batch_average(
     finally:
         for h in hooks:
             h.remove()
-        for _, m in sn_layers:
-            m.batch_stats_observer = None
+        for m, observer in observers.items():
+            m.batch_stats_observer = observer
         for m, t in was_training.items():
             m.train(t)
         for p, r in requires_grad.items():

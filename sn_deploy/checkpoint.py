@@ -6,7 +6,9 @@ Matching is strict (the official loader's ``strict=False`` silently loads half a
 """
 from __future__ import annotations
 
+import copy
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +24,21 @@ from sn_deploy.models import ARCHITECTURES, UnknownArchError, build_model
 
 DDP_PREFIX = "module."
 WRAPPER_KEYS = ("state_dict", "model")
+
+
+def _numpy_scalar_globals() -> list:
+    """numpy scalars (e.g. ``best_prec1``) are plain data; allow them under weights_only.
+
+    Only scalars and their dtypes: ndarray reconstruction stays refused.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [scalar, np.dtype, *dtype_classes]
 
 
 class CheckpointError(SnDeployError):
@@ -40,19 +57,26 @@ class LoadedCheckpoint:
 
 
 def _read(path: Path, trust_pickle: bool) -> Any:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; give the checkpoint file (.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle and "Unsupported global" in str(exc):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if not trust_pickle and found:
             raise CheckpointError(
-                f"'{path}' holds pickled Python objects (e.g. a whole nn.Module), which can run "
-                "code when loaded; re-save it as a state_dict, or pass --trust-pickle if you trust "
-                "its source"
+                f"'{path}' holds pickled Python objects ({found.group(1)}; e.g. a whole nn.Module) "
+                "that could run code when loaded; re-save it as a state_dict, or pass "
+                "--trust-pickle if you trust its source"
             ) from None
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (unpickling failed)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
+            ImportError, ModuleNotFoundError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({first})") from None
 
@@ -110,6 +134,8 @@ def _mismatch_message(model: nn.Module, sd: dict, arch: str) -> Optional[str]:
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches: {show(shapes)}")
     hint = "wrong --arch?"
+    if shapes and not (missing or unexpected):
+        hint = "same keys, other sizes: another variant of --arch, or a different num_classes?"
     prefixes = {k.split(".", 1)[0] for k in unexpected}
     if len(prefixes) == 1 and missing and all(k.split(".", 1)[-1] in own for k in unexpected):
         hint = f"keys carry an extra '{prefixes.pop()}.' prefix?"
@@ -118,19 +144,26 @@ def _mismatch_message(model: nn.Module, sd: dict, arch: str) -> Optional[str]:
 
 def load_checkpoint(path, arch: str, trust_pickle: bool = False,
                     arch_kwargs: Optional[dict] = None) -> LoadedCheckpoint:
-    """Load ``path`` into a fresh ``arch`` model, strictly; the model is returned in eval mode."""
+    """Load ``path`` into a fresh ``arch`` model, strictly; the model is returned in eval mode.
+
+    A pickled nn.Module (only with ``trust_pickle``) is treated like its state_dict, so it too must
+    match ``arch``; ``num_classes`` is read from ``fc.weight`` for registered architectures.
+    """
     path = Path(path)
     container = _read(path, trust_pickle)
     if isinstance(container, nn.Module):
         if not trust_pickle:  # torch refuses this with weights_only=True; kept for clarity
             raise CheckpointError(f"'{path}' is a pickled nn.Module; pass --trust-pickle")
-        return LoadedCheckpoint(container.eval(), container, None, False, path)
-    raw, wrapper_key = _unwrap(container)
+        raw, wrapper_key = container.state_dict(), None
+    else:
+        raw, wrapper_key = _unwrap(container)
     sd, prefixed = _strip_prefix(raw)
     try:
         model = build_model(arch, **{**_arch_kwargs(arch, sd), **(arch_kwargs or {})})
     except UnknownArchError as exc:
         raise CheckpointError(str(exc)) from None
+    except TypeError as exc:  # a factory that does not take the given keyword arguments
+        raise CheckpointError(f"cannot build --arch {arch} ({exc})") from None
     problem = _mismatch_message(model, sd, arch)
     if problem:
         raise CheckpointError(problem)
@@ -138,20 +171,31 @@ def load_checkpoint(path, arch: str, trust_pickle: bool = False,
     return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path)
 
 
+def _with_weights(module: nn.Module, sd: dict) -> nn.Module:
+    """A copy of a pickled module carrying new weights (the input object stays as loaded)."""
+    out = copy.deepcopy(module)
+    out.load_state_dict(sd, strict=True)
+    return out
+
+
 def save_checkpoint_like(loaded: LoadedCheckpoint, model: nn.Module, path) -> Path:
-    """Write ``model``'s weights in the input's layout (wrapping dict, other keys, prefix kept)."""
+    """Write ``model``'s weights in the input's layout (wrapping dict, other keys, prefix kept).
+
+    Atomic: a temp file beside ``path`` renamed over it, removed if anything fails.
+    """
     path = Path(path)
-    if isinstance(loaded.container, nn.Module):
-        payload: Any = model
+    sd = model.state_dict()
+    if loaded.prefixed:
+        sd = OrderedDict((DDP_PREFIX + k, v) for k, v in sd.items())
+    container = loaded.container
+    if isinstance(container, nn.Module):
+        payload: Any = _with_weights(container, sd)
+    elif loaded.wrapper_key is None:
+        payload = sd
     else:
-        sd = model.state_dict()
-        if loaded.prefixed:
-            sd = OrderedDict((DDP_PREFIX + k, v) for k, v in sd.items())
-        if loaded.wrapper_key is None:
-            payload = sd
-        else:
-            payload = dict(loaded.container)
-            payload[loaded.wrapper_key] = sd
+        payload = dict(container)
+        inner = container[loaded.wrapper_key]
+        payload[loaded.wrapper_key] = _with_weights(inner, sd) if isinstance(inner, nn.Module) else sd
     if not path.parent.is_dir():
         raise CheckpointError(f"output folder '{path.parent}' does not exist; create it first")
     try:

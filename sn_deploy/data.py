@@ -28,6 +28,25 @@ class Preprocess:
     std: Sequence[float] = (0.229, 0.224, 0.225)
     channels: int = 3  # 3: RGB, 1: grayscale
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would broadcast silently (3 means on 1 channel) or divide by 0."""
+        if self.channels not in (1, 3):
+            raise InputError(f"preprocess.channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if isinstance(values, (int, float)):
+                values = [values]
+            values = tuple(float(v) for v in values)
+            if len(values) not in (1, self.channels):
+                raise InputError(f"preprocess.{name} has {len(values)} values for "
+                                 f"{self.channels} channel(s); give 1 or {self.channels}")
+            setattr(self, name, values)
+        if any(v <= 0 for v in self.std):
+            raise InputError("preprocess.std values must be positive")
+        if not (0 < self.crop <= self.resize):
+            raise InputError(f"preprocess needs 0 < crop <= resize, got crop {self.crop}, "
+                             f"resize {self.resize}")
+
 
 @dataclass
 class Recipe:
@@ -38,24 +57,34 @@ class Recipe:
     preprocess: Preprocess = field(default_factory=Preprocess)
 
 
+_RECIPE_FIELDS = {"batch_size", "num_batches", "preprocess"}
+
+
 def load_recipe(path: Optional[str]) -> Recipe:
+    """Read a YAML recipe; unknown fields are refused (a typo must not fall back to a default)."""
     if path is None:
         return Recipe()
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise InputError(f"recipe '{path}' not found; see calibration/ for examples") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"recipe '{path}' must be a mapping of fields")
+    if not isinstance(raw, dict) or not isinstance(raw.get("preprocess") or {}, dict):
+        raise InputError(f"recipe '{path}' must be a mapping of fields; see calibration/README.md")
+    unknown = sorted(set(map(str, raw)) - _RECIPE_FIELDS)
+    if unknown:
+        raise InputError(f"recipe '{path}': unknown field(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_RECIPE_FIELDS))} (see calibration/README.md)")
     try:
         pre = Preprocess(**(raw.get("preprocess") or {}))
         return Recipe(batch_size=int(raw.get("batch_size", 32)),
                       num_batches=int(raw.get("num_batches", 200)), preprocess=pre)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"recipe '{path}': {exc}; see calibration/README.md") from None
+    except InputError as exc:
+        raise InputError(f"recipe '{path}': {exc}") from None
 
 
 class ArraySource:
@@ -173,4 +202,8 @@ def batches(source, batch_size: int, num_batches: int, order: str = "sequential"
         raise InputError(f"unknown --order '{order}': use sequential or random")
     for k in range(num_batches):
         if keep is None or keep(k):
-            yield torch.from_numpy(source.get(picked[k * batch_size:(k + 1) * batch_size]))
+            batch = source.get(picked[k * batch_size:(k + 1) * batch_size])
+            if not np.isfinite(batch).all():
+                raise InputError(f"calibration batch {k} holds NaN or infinite values; "
+                                 "clean the data (statistics would be NaN)")
+            yield torch.from_numpy(batch)

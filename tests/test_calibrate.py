@@ -10,7 +10,7 @@ from sn_deploy import reference as R
 from sn_deploy.calibrate import calibrate_batch_average
 from sn_deploy.data import ArraySource, batches
 from sn_deploy.errors import InputError
-from sn_deploy.nn import SwitchNorm1d, SwitchNorm2d
+from sn_deploy.nn import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
 from tests.conftest import randomize_sn
 
 
@@ -150,3 +150,88 @@ def test_too_few_batches_from_iterator():
     with pytest.raises(InputError, match="only 2 of 4 batches"):
         calibrate_batch_average(_model(), (torch.from_numpy(x) for x in _data(k=2)), 4,
                                 progress=False)
+
+
+@pytest.mark.parametrize("layer,shape", [(SwitchNorm1d(5), (6, 5)),
+                                         (SwitchNorm3d(2), (4, 2, 3, 2, 2))])
+def test_1d_and_3d_equal_the_reference(layer, shape):
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(2 * i, 1 + i, size=shape).astype(np.float32) for i in range(3)]
+    model = nn.Sequential(layer, nn.ReLU())
+    calibrate_batch_average(model, (torch.from_numpy(x) for x in xs), 3, progress=False)
+    mean, var = R.batch_average([R.batch_stats(x) for x in xs])
+    np.testing.assert_allclose(layer.running_mean.reshape(-1), mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var.reshape(-1), var, rtol=1e-6)
+
+
+def test_later_layers_see_batch_normalized_activations():
+    """sn2's statistics are those of its input with sn computing batch statistics (training mode)."""
+    model, xs = _model(), _data()
+    ref = _model()
+    calibrate_batch_average(model, (torch.from_numpy(x) for x in xs), 4, progress=False)
+    stats = []
+    for x in xs:
+        t = torch.from_numpy(x).double()
+        sd = {k: v.double() for k, v in ref.sn.state_dict().items()}
+        h = torch.from_numpy(R.switchable_norm_from_state(sd, t.numpy(), training=True)).float()
+        with torch.no_grad():
+            h = ref.bn(ref.conv(h))  # BN stays in eval: its stored statistics
+        stats.append(R.batch_stats(h.numpy()))
+    mean, var = R.batch_average(stats)
+    np.testing.assert_allclose(model.sn2.running_mean.reshape(-1), mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.sn2.running_var.reshape(-1), var, rtol=1e-4, atol=1e-6)
+
+
+def test_precise_bn_normalizes_with_batch_stats_and_leaves_the_rest():
+    """With precise_bn, BN behaves like SN's BN branch during the pass; no parameter moves."""
+    model, xs = _model(), _data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibrate_batch_average(model, (torch.from_numpy(x) for x in xs), 4, precise_bn=True,
+                            progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{l}.running_{s}" for l in ("sn", "sn2", "sn1d", "bn")
+                       for s in ("mean", "var")}
+    ref = _model()
+    ref.sn.train()
+    stats = []
+    for x in xs:
+        with torch.no_grad():
+            h = ref.conv(ref.sn(torch.from_numpy(x)))
+            h = torch.nn.functional.batch_norm(h, None, None, ref.bn.weight, ref.bn.bias, True,
+                                               0.0, ref.bn.eps)
+        stats.append(R.batch_stats(h.numpy()))
+    mean, var = R.batch_average(stats)
+    np.testing.assert_allclose(model.sn2.running_mean.reshape(-1), mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.sn2.running_var.reshape(-1), var, rtol=1e-4, atol=1e-6)
+
+
+def test_observers_and_flags_restored_after_a_failure():
+    model = _model()
+    model.sn.train()  # a caller's own flag must come back as it was
+    mine = lambda *a: None  # noqa: E731
+    model.sn2.batch_stats_observer = mine
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [torch.from_numpy(_data()[0]), torch.zeros(5, 3, 6)]  # second batch: wrong rank
+    with pytest.raises(InputError, match="rejects calibration batch 1 of shape"):
+        calibrate_batch_average(model, bad, 2, progress=False)
+    assert model.sn.training and not model.sn2.training
+    assert model.sn2.batch_stats_observer is mine and model.sn.batch_stats_observer is None
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_model_without_sn_is_refused():
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(InputError, match="nothing to calibrate"):
+        calibrate_batch_average(plain, [torch.zeros(2, 3, 6, 6)], 1, progress=False)
+    no_bn_branch = nn.Sequential(SwitchNorm2d(3, using_bn=False))
+    with pytest.raises(InputError, match="using_bn=False"):
+        calibrate_batch_average(no_bn_branch, [torch.zeros(2, 3, 6, 6)], 1, progress=False)
+    calibrate_batch_average(plain, [torch.randn(2, 3, 6, 6)], 1, precise_bn=True, progress=False)
+
+
+def test_progress_bar_runs(capsys):
+    model = _model()
+    calibrate_batch_average(model, (torch.from_numpy(x) for x in _data()), 4, progress=True)
+    assert model.sn.running_var.abs().sum() > 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sn_deploy.data import ArraySource, Preprocess, batches, load_recipe, open_source
@@ -76,3 +77,66 @@ def test_bad_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text("batch_size: 4\npreprocess: {size: 3}\n")
     with pytest.raises(InputError, match="recipe"):
         load_recipe(str(tmp_path / "r.yaml"))
+
+
+def test_grayscale_folder_with_digits_recipe(tmp_path):
+    """The digits recipe: 8x8 grayscale, pixels scaled to [0, 1] then (x - 0.3) / 0.4."""
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "white.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")  # RGB → L
+    src = open_source(str(tmp_path), recipe="calibration/digits.yaml")
+    (batch,) = list(batches(src, 2, 1))
+    assert batch.shape == (2, 1, 8, 8) and batch.dtype.is_floating_point
+    np.testing.assert_allclose(batch[0].numpy(), (0 - 0.3) / 0.4, rtol=1e-6)  # black.png first
+    np.testing.assert_allclose(batch[1].numpy(), (1 - 0.3) / 0.4, rtol=1e-6)
+
+
+def test_resize_shorter_side_then_center_crop(tmp_path):
+    img = np.zeros((20, 40), np.uint8)
+    img[:, 15:25] = 255  # a bright vertical band in the middle
+    Image.fromarray(img).save(tmp_path / "a.png")
+    src = open_source(str(tmp_path), preprocess=Preprocess(resize=10, crop=10, mean=[0], std=[1],
+                                                           channels=1))
+    out = src.get(np.array([0]))[0, 0]  # 20x40 → 10x20 → centre 10x10: the band is cols 2..7
+    assert out.shape == (10, 10)
+    assert out[:, 3:7].min() > 0.9 and out[:, :1].max() < 0.1 and out[:, -1:].max() < 0.1
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"channels": 2}, "channels must be 1"),
+    ({"channels": 1}, "3 values for 1 channel"),
+    ({"std": (1, 0, 1)}, "positive"),
+    ({"resize": 8, "crop": 16}, "crop <= resize"),
+])
+def test_preprocess_refuses_silent_broadcasts(kw, match):
+    with pytest.raises(InputError, match=match):
+        Preprocess(**kw)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("batchsize: 4\n", "unknown field"),
+    ("batch_size: many\n", "recipe"),
+    ("- 1\n- 2\n", "mapping"),
+    ("preprocess: {channels: 1}\n", "3 values for 1 channel"),
+])
+def test_recipe_errors(text, match, tmp_path):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_recipe(str(tmp_path / "r.yaml"))
+
+
+def test_non_finite_data_is_refused(tmp_path):
+    arr = np.zeros((8, 1, 2, 2), np.float32)
+    arr[5, 0, 1, 1] = np.nan
+    np.save(tmp_path / "d.npy", arr)
+    src = ArraySource(str(tmp_path / "d.npy"))
+    assert len(list(batches(src, 2, 2))) == 2  # the NaN is in batch 2, not used
+    with pytest.raises(InputError, match="batch 2 holds NaN"):
+        list(batches(src, 2, 3))
+
+
+def test_npz_first_array_and_sequential_batches(tmp_path):
+    arr = np.arange(12 * 2, dtype=np.float64).reshape(12, 2, 1, 1)
+    np.savez(tmp_path / "d.npz", x=arr)
+    got = list(batches(open_source(str(tmp_path / "d.npz")), 4, 3, order="sequential"))
+    assert all(b.dtype == torch.float32 and b.shape == (4, 2, 1, 1) for b in got)
+    np.testing.assert_array_equal(np.concatenate([b.numpy() for b in got]), arr)

@@ -68,9 +68,10 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
                                      distributed=world > 1)
     if rank != 0:
         return
+    report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
     save_checkpoint_like(loaded, loaded.model, output)
     if report is not None:
-        atomic_write(report, json.dumps(result.to_json(), indent=2))
+        atomic_write(report, report_text)
     typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
                f"process{'es' if world > 1 else ''} ({result.images_per_second:.0f} images/s); "
                f"wrote {output}")
