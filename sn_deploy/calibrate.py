@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -225,6 +225,34 @@ def calibrate_batch_average(
             entry.var_weights = dict(zip(m.branch_names, vw))
         result.layers.append(entry)
     return result
+
+
+def calibrate_from_data(
+    model: nn.Module,
+    data: str,
+    *,
+    recipe=None,
+    batch_size: Optional[int] = None,
+    num_batches: Optional[int] = None,
+    order: str = "random",
+    seed: int = 0,
+    precise_bn: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> CalibrationResult:
+    """Calibrate on ``data`` (array file or image folder): the recipe (a path, a loaded Recipe, or
+    None for the defaults) supplies preprocessing and any batch size/count not given; with
+    ``world > 1`` this rank takes batches k ≡ rank (mod world)."""
+    from sn_deploy.data import Recipe, batches, load_recipe, open_source
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    b, k = batch_size or rec.batch_size, num_batches or rec.num_batches
+    source = open_source(data, preprocess=rec.preprocess)
+    keep = (lambda i: i % world == rank) if world > 1 else None
+    return calibrate_batch_average(model, batches(source, b, k, order=order, seed=seed, keep=keep),
+                                   k, precise_bn=precise_bn, progress=progress,
+                                   distributed=world > 1)
 
 
 def _progress(it, total: int, enabled: bool):

@@ -86,7 +86,6 @@ def run_export(
 ) -> ExportResult:
     """Run the whole export job; returns what was written and the parity report."""
     from sn_deploy import calibrate as calib
-    from sn_deploy import data as data_mod
     from sn_deploy import validate as val
     from sn_deploy.checkpoint import load_checkpoint
     from sn_deploy.export import export_sn_onnx, save_model_atomic
@@ -106,10 +105,9 @@ def run_export(
         log("note: the model has no SwitchNorm layer; exporting it as a plain ONNX model")
 
     if calibration is not None:
-        source = data_mod.open_source(calibration.data, recipe=calibration.recipe)
-        batches = data_mod.batches(source, calibration.batch_size, calibration.num_batches,
-                                   order=calibration.order, seed=calibration.seed)
-        result.calibration = calib.calibrate_batch_average(model, batches, calibration.num_batches)
+        result.calibration = calib.calibrate_from_data(
+            model, calibration.data, recipe=calibration.recipe, batch_size=calibration.batch_size,
+            num_batches=calibration.num_batches, order=calibration.order, seed=calibration.seed)
         log(f"calibrated {result.num_sn_layers} SN layers on {calibration.num_batches} batches "
             f"of {calibration.batch_size}")
 

@@ -48,24 +48,21 @@ def calibrate(
 def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                precise_bn, trust_pickle, report, quiet, rank, world) -> None:
     from sn_deploy.atomic import atomic_write
-    from sn_deploy.calibrate import calibrate_batch_average
+    from sn_deploy.calibrate import calibrate_from_data
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
-    from sn_deploy.data import batches, load_recipe, open_source
+    from sn_deploy.data import load_recipe
     from sn_deploy.pipeline import check_writable_dir
 
-    rec = load_recipe(recipe)
-    b = batch_size or rec.batch_size
-    k = num_batches or rec.num_batches
+    rec = load_recipe(recipe)  # a bad recipe is reported before any slow work
     check_writable_dir(output.parent)
     if report is not None:
         check_writable_dir(report.parent)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
-    source = open_source(data, preprocess=rec.preprocess)
-    mine = (lambda i: i % world == rank) if world > 1 else None
-    result = calibrate_batch_average(loaded.model, batches(source, b, k, order=order, seed=seed,
-                                                           keep=mine),
-                                     k, precise_bn=precise_bn, progress=not quiet,
-                                     distributed=world > 1)
+    result = calibrate_from_data(loaded.model, data, recipe=rec, batch_size=batch_size,
+                                 num_batches=num_batches, order=order, seed=seed,
+                                 precise_bn=precise_bn, progress=not quiet, rank=rank, world=world)
+    k = result.num_batches
+    b = result.num_samples // k
     if rank != 0:
         return
     report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
