@@ -213,8 +213,7 @@ def _torch_export(model: nn.Module, shape, dynamic_batch, dynamic_spatial, opset
             verbose=False,
             report=False,
         )
-    proto = program.model_proto
-    return _down_convert(proto, opset) if opset < DEFAULT_OPSET else proto
+    return program.model_proto
 
 
 @contextlib.contextmanager
@@ -234,17 +233,29 @@ def _quiet_exporter() -> Iterator[None]:
                 lg.setLevel(lv)
 
 
-def _layer_name_of(node: gs.Node, known: set[str]) -> Optional[str]:
-    scopes = node.meta.get("pkg.torch.onnx.name_scopes") if hasattr(node, "meta") else None
-    if scopes is None:
-        return None
-    for scope in reversed(ast.literal_eval(scopes)):
+NameScopes = dict[str, list[str]]
+
+
+def name_scopes(model: onnx.ModelProto) -> NameScopes:
+    """Node name → the exporter's module name scopes (metadata that onnx-graphsurgeon drops)."""
+    scopes: NameScopes = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                with contextlib.suppress(ValueError, SyntaxError):
+                    scopes[node.name] = [str(s) for s in ast.literal_eval(prop.value)]
+    return scopes
+
+
+def _layer_name_of(node: gs.Node, known: set[str], scopes: NameScopes) -> Optional[str]:
+    for scope in reversed(scopes.get(node.name, [])):
         if scope in known:
             return scope
     return None
 
 
-def name_sn_nodes(graph: gs.Graph, model: nn.Module, call_order: Sequence[str]) -> gs.Graph:
+def name_sn_nodes(graph: gs.Graph, model: nn.Module, call_order: Sequence[str],
+                  scopes: Optional[NameScopes] = None) -> gs.Graph:
     """Give each SN node its layer's name, named float32 parameters and layer metadata.
 
     Nodes are matched to layers through the exporter's name-scope metadata, falling back to the
@@ -259,7 +270,7 @@ def name_sn_nodes(graph: gs.Graph, model: nn.Module, call_order: Sequence[str]) 
         )
     used: set[str] = set()
     for node, fallback in zip(sn_nodes, call_order):
-        name = _layer_name_of(node, set(layers)) or fallback
+        name = _layer_name_of(node, set(layers), scopes or {}) or fallback
         if name in used:
             name = fallback
         used.add(name)
@@ -276,6 +287,30 @@ def name_sn_nodes(graph: gs.Graph, model: nn.Module, call_order: Sequence[str]) 
         node.attrs[onnx_ops.ATTR_RELU] = 0
         node.attrs = {k: node.attrs[k] for k in sorted(node.attrs)}
     graph.cleanup().toposort()
+    return graph
+
+
+def name_norm_outputs(graph: gs.Graph, model: nn.Module, scopes: NameScopes) -> gs.Graph:
+    """Name the output of each BN/GN/IN/LN layer ``<layer>.output`` so that per-layer validation
+    covers them like SN layers.
+
+    The exporter lowers such a layer to one or more standard nodes (GroupNorm: Reshape,
+    InstanceNormalization, Reshape, Mul, Add) tagged with the module's name scope; the last of
+    them produces the layer's output.  A layer whose output is a graph output keeps that name.
+    """
+    from sn_deploy.nn import STANDARD_NORM_TYPES
+
+    norms = {n for n, m in model.named_modules() if isinstance(m, STANDARD_NORM_TYPES)}
+    last: dict[str, gs.Node] = {}
+    for node in graph.nodes:
+        name = _layer_name_of(node, norms, scopes)
+        if name is not None:
+            last[name] = node
+    graph_outputs = {id(t) for t in graph.outputs}
+    for name, node in last.items():
+        out = node.outputs[0]
+        if id(out) not in graph_outputs:
+            out.name = f"{name}.output"
     return graph
 
 
@@ -315,8 +350,12 @@ def export_sn_onnx(
     probed = probe_layer_shapes(model, shape)
     call_order = [p.name for p in probed]
     proto = _torch_export(model, shape, dynamic_batch, dynamic_spatial, opset)
+    scopes = name_scopes(proto)  # before the version converter, which drops node metadata
+    if opset < DEFAULT_OPSET:
+        proto = _down_convert(proto, opset)
     graph = gs.import_onnx(proto)
-    graph = name_sn_nodes(graph, model, call_order)
+    graph = name_sn_nodes(graph, model, call_order, scopes)
+    graph = name_norm_outputs(graph, model, scopes)
     _rename_outputs(graph)
     out = gs.export_onnx(graph)
     if not any(o.domain == onnx_ops.DOMAIN for o in out.opset_import):

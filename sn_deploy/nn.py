@@ -16,6 +16,7 @@ Two extension points serve the deployment pipeline without changing the maths:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -255,9 +256,91 @@ class SwitchNorm1d(_SwitchNorm):
         return switchable_norm_1d(x, self.weight, self.bias, mean_w, var_w, mean_bn, var_bn, self.eps)
 
 
-SWITCH_NORM_TYPES = (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d)
+def sparsemax(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of ``v`` onto the probability simplex (Martins & Astudillo, 2016)."""
+    z, _ = torch.sort(v, descending=True)
+    k = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+    cssv = torch.cumsum(z, 0) - 1
+    support = (z - cssv / k).detach() > 0
+    rho = int(support.nonzero().max()) + 1  # the first element is always in the support
+    tau = cssv[rho - 1] / rho
+    return torch.clamp(v - tau, min=0)
+
+
+def sparsestmax(v: torch.Tensor, radius: float, _center: Optional[torch.Tensor] = None,
+                _depth: int = 0) -> torch.Tensor:
+    """SSN's sparsestmax: sparsemax, then pushed out of the ball of ``radius`` around the uniform
+    point of its support, onto the simplex (official ``ssn_utils.sparsestmax``).
+
+    As ``radius`` grows during training the result becomes one-hot, which is when the official
+    layer freezes it.  One deliberate difference: where the sparsemax point *is* the centre (equal
+    logits) there is no direction to push in; the official code divides by zero and returns NaN,
+    this returns the sparsemax point.
+    """
+    w = sparsemax(v)
+    if float(w.detach().max() - w.detach().min()) == 1.0 or _depth >= v.numel():
+        return w
+    support = (w.detach() > 0).to(v.dtype)
+    u = support / support.sum()
+    if _center is not None:
+        radius = math.sqrt(max(radius**2 - float(((u - _center) ** 2).sum()), 0.0))
+    distance = float(torch.linalg.vector_norm(w.detach() - u))
+    if distance >= radius or distance < 1e-6:
+        return w
+    p = radius * (w - u) / distance + u
+    if float(p.detach().min()) < 0:
+        return sparsestmax(p, radius, u, _depth + 1)
+    return p.clamp(0, 1)
+
+
+class SparseSwitchNorm2d(SwitchNorm2d):
+    """Sparse Switchable Normalization (SSN, CVPR 2019) over (N, C, H, W): SN whose mixing weights
+    are ``sparsestmax(logits, radius)`` instead of softmax, state_dict-compatible with the official
+    ``SSN2d`` (extra buffers ``mean_fixed``, ``var_fixed``, ``radius``).
+
+    Once a layer's weights became one-hot in training, the official code sets ``*_fixed`` and
+    stores the one-hot vector in place of the logits; the weights are then used as stored.  This
+    layer reads that state and never changes it (deployment freezes weights), so the one-hot
+    layers of a trained SSN are exactly BN, IN or LN and the specialization pass replaces them
+    without error.  Statistics, eps and the running-stat conventions are SN's (official default
+    momentum 0.997).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.997,
+                 using_moving_average: bool = True, last_gamma: bool = False) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum,
+                         using_moving_average=using_moving_average, using_bn=True,
+                         last_gamma=last_gamma)
+        self.register_buffer("mean_fixed", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("var_fixed", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("radius", torch.zeros(1))
+
+    def mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored weights where fixed, else sparsestmax of the logits at the stored radius."""
+        rad = float(self.radius.reshape(-1)[0])
+
+        def pick(logits: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+            if bool(fixed.reshape(-1)[0]):
+                return logits.detach()
+            return sparsestmax(logits, rad)
+
+        return pick(self.mean_weight, self.mean_fixed), pick(self.var_weight, self.var_fixed)
+
+
+SWITCH_NORM_TYPES = (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SparseSwitchNorm2d)
 
 
 def switch_norm_layers(model: nn.Module) -> list[tuple[str, _SwitchNorm]]:
     """All SwitchNorm layers of ``model`` with their qualified names, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _SwitchNorm)]
+
+
+#: PyTorch's own normalization layers, exported as standard ONNX ops and compared per layer too
+STANDARD_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
+                       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+
+
+def normalization_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """SN layers and PyTorch's BN/GN/IN/LN layers with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (_SwitchNorm,) + STANDARD_NORM_TYPES)]

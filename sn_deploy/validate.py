@@ -1,4 +1,5 @@
-"""Numeric parity of the deployed forms with the PyTorch model, per output and per SN layer.
+"""Numeric parity of the deployed forms with the PyTorch model, per output and per normalization
+layer (SN, and PyTorch's BN/GN/IN/LN).
 
 Runners (PyTorch, ONNX Runtime; TensorRT joins through the same :class:`Runner` protocol) are
 separate from the comparison logic.  The tolerance rule is Polygraphy's: an element fails only when
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from sn_deploy.errors import InputError
-from sn_deploy.nn import switch_norm_layers
+from sn_deploy.nn import normalization_layers
 
 LAYER_SUFFIX = ".output"
 RULE = "an element fails if |out-ref| > atol and |out-ref| > rtol*|ref|; any NaN/Inf fails"
@@ -102,7 +103,7 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """PyTorch eval forward; optionally captures every SN layer's output by module name.
+    """PyTorch eval forward; optionally captures every normalization layer's output by module name.
 
     Captured outputs come back in execution order (dict order), which is the order in which
     the per-layer results are reported.
@@ -118,7 +119,7 @@ class TorchRunner:
         captured: dict[str, np.ndarray] = {}
         hooks = []
         if self.capture_layers:
-            for name, layer in switch_norm_layers(self.model):
+            for name, layer in normalization_layers(self.model):
                 def hook(mod, args, out, name=name):
                     # copy now: an in-place ReLU after the layer would change the tensor
                     captured[name + LAYER_SUFFIX] = out.detach().cpu().numpy().copy()

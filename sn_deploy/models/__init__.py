@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from sn_deploy.models import demo, resnet_v1_sn, resnet_v2_sn
+from sn_deploy.models import demo, resnet_v1_sn, resnet_v1_ssn, resnet_v2_sn
 
 
 class UnknownArchError(ValueError):
@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "demo_sn_net": demo.demo_sn_net,
     **{f"resnetv1sn{d}": getattr(resnet_v1_sn, f"resnetv1sn{d}") for d in (18, 34, 50, 101, 152)},
     **{f"resnetv2sn{d}": getattr(resnet_v2_sn, f"resnetv2sn{d}") for d in (18, 34, 50, 101, 152)},
+    **{f"resnetv1ssn{d}": getattr(resnet_v1_ssn, f"resnetv1ssn{d}") for d in (18, 34, 50, 101, 152)},
 }
 
 

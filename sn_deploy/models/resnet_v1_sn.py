@@ -15,8 +15,9 @@ import torch.nn as nn
 from sn_deploy.nn import SwitchNorm2d
 
 
-def _sn(planes: int, using_moving_average: bool, last_gamma: bool = False) -> SwitchNorm2d:
-    return SwitchNorm2d(planes, using_moving_average=using_moving_average, last_gamma=last_gamma)
+def _sn(planes: int, using_moving_average: bool, last_gamma: bool = False,
+        norm: Type[SwitchNorm2d] = SwitchNorm2d) -> SwitchNorm2d:
+    return norm(planes, using_moving_average=using_moving_average, last_gamma=last_gamma)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -27,13 +28,13 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, using_moving_average=True,
-                 last_gamma=True):
+                 last_gamma=True, norm=SwitchNorm2d):
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.sn1 = _sn(planes, using_moving_average)
+        self.sn1 = _sn(planes, using_moving_average, norm=norm)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
-        self.sn2 = _sn(planes, using_moving_average, last_gamma)
+        self.sn2 = _sn(planes, using_moving_average, last_gamma, norm)
         self.downsample = downsample
         self.stride = stride
 
@@ -48,14 +49,14 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, using_moving_average=True,
-                 last_gamma=True):
+                 last_gamma=True, norm=SwitchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.sn1 = _sn(planes, using_moving_average)
+        self.sn1 = _sn(planes, using_moving_average, norm=norm)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.sn2 = _sn(planes, using_moving_average)
+        self.sn2 = _sn(planes, using_moving_average, norm=norm)
         self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
-        self.sn3 = _sn(planes * 4, using_moving_average, last_gamma)
+        self.sn3 = _sn(planes * 4, using_moving_average, last_gamma, norm)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -71,14 +72,18 @@ class Bottleneck(nn.Module):
 class ResNetV1SN(nn.Module):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: list[int],
                  num_classes: int = 1000, using_moving_average: bool = True,
-                 last_gamma: bool = True):
+                 last_gamma: bool = True, norm: Type[SwitchNorm2d] = SwitchNorm2d,
+                 ceil_mode_pool: bool = False):
         super().__init__()
         self.inplanes = 64
         self.using_moving_average = using_moving_average
+        self.norm = norm
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.sn1 = _sn(64, using_moving_average)
+        self.sn1 = _sn(64, using_moving_average, norm=norm)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        # the official SSN ResNet pools with padding 0 and ceil_mode (same output size at 224)
+        self.maxpool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+                        if ceil_mode_pool else nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.layer1 = self._make_layer(block, 64, layers[0], last_gamma=last_gamma)
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2, last_gamma=last_gamma)
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, last_gamma=last_gamma)
@@ -97,15 +102,16 @@ class ResNetV1SN(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride,
                           bias=False),
-                _sn(planes * block.expansion, self.using_moving_average),
+                _sn(planes * block.expansion, self.using_moving_average, norm=self.norm),
             )
         layers = [block(self.inplanes, planes, stride, downsample,
-                        using_moving_average=self.using_moving_average, last_gamma=last_gamma)]
+                        using_moving_average=self.using_moving_average, last_gamma=last_gamma,
+                        norm=self.norm)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
             layers.append(block(self.inplanes, planes,
                                 using_moving_average=self.using_moving_average,
-                                last_gamma=last_gamma))
+                                last_gamma=last_gamma, norm=self.norm))
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
