@@ -18,14 +18,18 @@ variance is built from their *unbiased* per-batch variances, torch's convention 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sn_deploy.atomic import atomic_write
 from sn_deploy.errors import InputError
 from sn_deploy.nn import DegenerateInputError, _SwitchNorm, switch_norm_layers
 
@@ -66,6 +70,18 @@ class _PooledStats:
         self.sum_sq += d * d
         self.count += 1
 
+    def state(self) -> dict:
+        return {"count": self.count, "shift": self.shift, "sum_mean": self.sum_mean,
+                "sum_var": self.sum_var, "sum_sq": self.sum_sq}
+
+    def restore(self, state: dict) -> None:
+        if state["shift"].shape != self.shift.shape:
+            raise InputError("the calibration state does not match the model's layer sizes; "
+                             "delete it to start over")
+        self.count = int(state["count"])
+        self.shift, self.sum_mean = state["shift"].double(), state["sum_mean"].double()
+        self.sum_var, self.sum_sq = state["sum_var"].double(), state["sum_sq"].double()
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.count
         md = self.sum_mean / k
@@ -89,6 +105,7 @@ class CalibrationResult:
     num_samples: int
     seconds: float
     layers: list[LayerCalibration] = field(default_factory=list)
+    resumed_from: int = 0  # batches taken from a saved state instead of being run again
 
     @property
     def images_per_second(self) -> float:
@@ -98,8 +115,62 @@ class CalibrationResult:
         return {
             "num_batches": self.num_batches, "num_samples": self.num_samples,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
+            "resumed_from_batch": self.resumed_from,
             "layers": [vars(layer) for layer in self.layers],
         }
+
+
+STATE_VERSION = 1
+
+
+@dataclass
+class ResumeState:
+    """Where a calibration run saves its partial sums (``--checkpoint-every``) and resumes from.
+
+    ``fingerprint`` identifies the run (weights, data, batch plan, rank): a state file from any
+    other run is refused rather than silently mixed in.  Each rank of a distributed run has its
+    own file; the sums are float64 and added in the same order, so a resumed run ends with the
+    same statistics, bit for bit, as an uninterrupted one.
+    """
+
+    path: Path
+    every: int
+    fingerprint: dict
+
+    def load(self) -> Optional[dict]:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise InputError(f"calibration state '{self.path}' is unreadable ({type(exc).__name__}); "
+                             "delete it to start over") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise InputError(f"'{self.path}' is not a calibration state of this version; "
+                             "delete it to start over")
+        theirs = state.get("fingerprint", {})
+        diff = sorted(k for k in set(theirs) | set(self.fingerprint)
+                      if theirs.get(k) != self.fingerprint.get(k))
+        if diff:
+            raise InputError(f"calibration state '{self.path}' belongs to another run (different "
+                             f"{', '.join(diff)}); rerun with the same settings or delete it")
+        return state
+
+    def save(self, done: int, samples: int, seconds: float, stats: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"version": STATE_VERSION, "fingerprint": self.fingerprint, "done": done,
+                    "samples": samples, "seconds": seconds,
+                    "stats": {name: st.state() for name, st in stats.items()}}, buf)
+        atomic_write(self.path, buf.getvalue())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer: a resumed run must start from the same weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _bn_batch_stats(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,15 +208,27 @@ def calibrate_batch_average(
     precise_bn: bool = False,
     progress: bool = True,
     distributed: bool = False,
+    resume: Optional[ResumeState] = None,
 ) -> CalibrationResult:
     """Set every SN layer's running stats (and BN's, with precise_bn) to batch averages, in place.
 
-    ``distributed``: this process is one rank of an initialized torch.distributed group and
-    ``batches`` holds its share of the K batches; the sums are all-reduced once at the end, so
-    every rank ends with the statistics of all K batches.
+    ``num_batches`` is the number of batches this process runs.  ``distributed``: this process
+    is one rank of an initialized torch.distributed group and ``batches`` holds its share of the
+    K batches; the sums (and batch counts) are all-reduced once at the end, so every rank ends
+    with the statistics of all K batches.  ``resume``: partial sums are saved
+    every ``resume.every`` batches; ``batches`` must then yield only the batches not yet done
+    (see :func:`calibrate_from_data`).
     """
     sn_layers, bn_layers = _calibrated_layers(model, precise_bn)
     stats = {n: _PooledStats(m.running_mean) for n, m in sn_layers + bn_layers}
+    done, samples, previous_seconds = 0, 0, 0.0
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        if set(saved["stats"]) != set(stats):
+            raise InputError(f"calibration state '{resume.path}' holds other layers; delete it")
+        for name, st in stats.items():
+            st.restore(saved["stats"][name])
+        done, samples, previous_seconds = int(saved["done"]), int(saved["samples"]), float(saved["seconds"])
     was_training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     observers = {m: m.batch_stats_observer for _, m in sn_layers}
@@ -168,23 +251,36 @@ def calibrate_batch_average(
                 stats[name].add(*_bn_batch_stats(mod, args[0]))
                 return _bn_train_forward(mod, args[0])
             hooks.append(m.register_forward_hook(hook))
-        samples, start = 0, time.perf_counter()
-        iterator = _progress(batches, num_batches, progress)
-        with torch.no_grad():
-            for i, batch in enumerate(iterator):
-                if i >= num_batches:
-                    break
-                try:
-                    model(batch.to(device))
-                except DegenerateInputError as exc:
-                    raise InputError(f"calibration batch {i}: {exc}") from None
-                except (RuntimeError, ValueError) as exc:
-                    first = str(exc).strip().splitlines()[0][:200]
-                    raise InputError(
-                        f"the model rejects calibration batch {i} of shape {tuple(batch.shape)} "
-                        f"({first}); check --data and the preprocessing") from None
-                samples += int(batch.shape[0])
-        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        failure: Optional[InputError] = None
+        iterator = _progress(batches, num_batches, progress, done)
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(iterator, start=done):
+                    if i >= num_batches:
+                        break
+                    try:
+                        model(batch.to(device))
+                    except DegenerateInputError as exc:
+                        raise InputError(f"calibration batch {i}: {exc}") from None
+                    except (RuntimeError, ValueError) as exc:
+                        first = str(exc).strip().splitlines()[0][:200]
+                        raise InputError(
+                            f"the model rejects calibration batch {i} of shape "
+                            f"{tuple(batch.shape)} ({first}); check --data and the "
+                            "preprocessing") from None
+                    samples += int(batch.shape[0])
+                    done = i + 1
+                    if resume is not None and done % resume.every == 0:
+                        resume.save(done, samples, previous_seconds + time.perf_counter() - start,
+                                    stats)
+        except InputError as exc:
+            failure = exc
+        if distributed:
+            _agree_on_failure(failure)
+        if failure is not None:
+            raise failure
+        seconds = previous_seconds + time.perf_counter() - start
     finally:
         for h in hooks:
             h.remove()
@@ -200,12 +296,12 @@ def calibrate_batch_average(
 
         for s in stats.values():
             s.all_reduce()
-        total = torch.tensor([float(samples)], dtype=torch.float64)
-        dist.all_reduce(total)
-        samples = int(total.item())
-    done = min((s.count for s in stats.values()), default=num_batches)
-    if stats and done < num_batches:
-        raise InputError(f"calibration got only {done} of {num_batches} batches from the data")
+        totals = torch.tensor([float(samples), float(num_batches)], dtype=torch.float64)
+        dist.all_reduce(totals)
+        samples, num_batches = int(totals[0].item()), int(totals[1].item())
+    got = min((s.count for s in stats.values()), default=num_batches)
+    if stats and got < num_batches:
+        raise InputError(f"calibration got only {got} of {num_batches} batches from the data")
     result = CalibrationResult(num_batches=num_batches, num_samples=samples, seconds=seconds)
     for name, m in sn_layers + bn_layers:
         mean, var = stats[name].result()
@@ -227,6 +323,16 @@ def calibrate_batch_average(
     return result
 
 
+def _agree_on_failure(failure: Optional[InputError]) -> None:
+    """Every rank learns whether any rank failed, so none waits forever in the final all-reduce."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64)
+    dist.all_reduce(flag)
+    if failure is None and flag.item() > 0:
+        raise InputError(f"{int(flag.item())} other rank(s) failed; see their error above")
+
+
 def calibrate_from_data(
     model: nn.Module,
     data: str,
@@ -240,31 +346,63 @@ def calibrate_from_data(
     progress: bool = True,
     rank: int = 0,
     world: int = 1,
+    workers: Optional[int] = None,
+    state_path: Optional[Path] = None,
+    checkpoint_every: int = 0,
 ) -> CalibrationResult:
     """Calibrate on ``data`` (array file or image folder): the recipe (a path, a loaded Recipe, or
     None for the defaults) supplies preprocessing and any batch size/count not given; with
-    ``world > 1`` this rank takes batches k ≡ rank (mod world)."""
+    ``world > 1`` this rank takes batches k ≡ rank (mod world).
+
+    ``workers``: DataLoader worker processes decoding images (default: up to 4 for image
+    folders, none for arrays).  ``checkpoint_every`` N > 0 saves the partial sums to
+    ``state_path`` every N batches; a run that finds a matching state file resumes after the
+    batches it records.
+    """
     from sn_deploy.data import Recipe, batches, load_recipe, open_source
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     b, k = batch_size or rec.batch_size, num_batches or rec.num_batches
+    if checkpoint_every < 0:
+        raise InputError("--checkpoint-every must be >= 0 (0: no partial saves)")
     source = open_source(data, preprocess=rec.preprocess)
-    keep = (lambda i: i % world == rank) if world > 1 else None
-    return calibrate_batch_average(model, batches(source, b, k, order=order, seed=seed, keep=keep),
-                                   k, precise_bn=precise_bn, progress=progress,
-                                   distributed=world > 1)
+    resume, done = None, 0
+    if checkpoint_every > 0:
+        if state_path is None:
+            raise InputError("--checkpoint-every needs a state file path")
+        fingerprint = {"weights": model_fingerprint(model), "data": str(Path(data).resolve()),
+                       "data_size": len(source), "batch_size": b, "num_batches": k,
+                       "order": order, "seed": seed, "precise_bn": precise_bn,
+                       "rank": rank, "world": world}
+        resume = ResumeState(Path(state_path), checkpoint_every, fingerprint)
+        saved = resume.load()
+        done = int(saved["done"]) if saved else 0
+    # this rank's i-th batch is batch i·world + rank of the plan; skip the ones already done
+    keep = lambda i: i % world == rank and i // world >= done  # noqa: E731
+    local = len(range(rank, k, world))
+    result = calibrate_batch_average(
+        model, batches(source, b, k, order=order, seed=seed, keep=keep, workers=workers),
+        local, precise_bn=precise_bn, progress=progress, distributed=world > 1, resume=resume)
+    result.num_batches = k
+    result.resumed_from = done
+    return result
 
 
-def _progress(it, total: int, enabled: bool):
+def _progress(it, total: int, enabled: bool, done: int = 0):
+    """A progress bar with ETA and throughput (images/s) over this run's batches."""
     if not enabled:
         yield from it
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+                               TimeElapsedColumn, TimeRemainingColumn)
 
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("batches", total=total)
+        task = bar.add_task("batches", total=total, completed=done, rate="")
+        images, start = 0, time.perf_counter()
         for item in it:
             yield item
-            bar.advance(task)
+            images += int(item.shape[0])
+            rate = images / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.0f} images/s")

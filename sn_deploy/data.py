@@ -176,12 +176,47 @@ def open_source(path: str, recipe: Optional[str] = None, preprocess: Optional[Pr
     return ArraySource(path)
 
 
+class _PlannedBatches(torch.utils.data.Dataset):
+    """The planned batches as a map-style dataset: item j is one whole batch.
+
+    Worker processes return errors as values: the DataLoader would re-raise them wrapped in a
+    multi-line traceback, and users get one line.
+    """
+
+    def __init__(self, source, plan: list[tuple[int, np.ndarray]]):
+        self.source, self.plan = source, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j: int):
+        k, indices = self.plan[j]
+        try:
+            return k, self.source.get(indices), ""
+        except InputError as exc:
+            return k, None, str(exc)
+
+
+def _as_is(item):
+    return item
+
+
+def default_workers(source) -> int:
+    """Image decoding is worth worker processes; memory-mapped arrays are not."""
+    import os
+
+    return min(4, os.cpu_count() or 1) if isinstance(source, ImageFolderSource) else 0
+
+
 def batches(source, batch_size: int, num_batches: int, order: str = "sequential",
-            seed: int = 0, keep: Optional[Callable[[int], bool]] = None) -> Iterator[torch.Tensor]:
+            seed: int = 0, keep: Optional[Callable[[int], bool]] = None,
+            workers: Optional[int] = None) -> Iterator[torch.Tensor]:
     """K batches of B samples as float32 tensors; refuses too little data up front.
 
     ``keep(k)`` selects which of the K batches this process loads (distributed calibration: the
-    batch plan is the same on every rank, each rank keeps its share).
+    batch plan is the same on every rank, each rank keeps its share; a resumed run skips the
+    batches it has done).  ``workers`` > 0 loads them in that many DataLoader worker processes,
+    in plan order (default: :func:`default_workers`).
     """
     if batch_size < 2:
         raise InputError("--batch-size must be at least 2: BN statistics of one sample are "
@@ -200,10 +235,22 @@ def batches(source, batch_size: int, num_batches: int, order: str = "sequential"
         picked = np.random.default_rng(seed).choice(have, size=need, replace=False)
     else:
         raise InputError(f"unknown --order '{order}': use sequential or random")
-    for k in range(num_batches):
-        if keep is None or keep(k):
-            batch = source.get(picked[k * batch_size:(k + 1) * batch_size])
-            if not np.isfinite(batch).all():
-                raise InputError(f"calibration batch {k} holds NaN or infinite values; "
-                                 "clean the data (statistics would be NaN)")
-            yield torch.from_numpy(batch)
+    if workers is None:
+        workers = default_workers(source)
+    if workers < 0:
+        raise InputError("--workers must be >= 0 (0: load in this process)")
+    plan = [(k, picked[k * batch_size:(k + 1) * batch_size]) for k in range(num_batches)
+            if keep is None or keep(k)]
+    if workers == 0 or len(plan) < 2:
+        loaded = ((k, source.get(indices), "") for k, indices in plan)
+    else:
+        loaded = iter(torch.utils.data.DataLoader(
+            _PlannedBatches(source, plan), batch_size=None, shuffle=False,
+            num_workers=min(workers, len(plan)), collate_fn=_as_is))
+    for k, batch, error in loaded:
+        if error:
+            raise InputError(error)
+        if not np.isfinite(batch).all():
+            raise InputError(f"calibration batch {k} holds NaN or infinite values; "
+                             "clean the data (statistics would be NaN)")
+        yield torch.from_numpy(batch)

@@ -33,20 +33,34 @@ def calibrate(
     distributed: bool = typer.Option(False, "--distributed",
                                      help="one rank of a torchrun job: batches split across ranks, "
                                           "sums all-reduced, rank 0 writes"),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="DataLoader worker processes (default: up to 4 "
+                                               "for image folders, 0 for arrays)"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every",
+                                         help="save partial sums every N batches to "
+                                              "OUTPUT.calib-state; a rerun resumes from it"),
 ) -> None:
     from sn_deploy.distributed import init_from_env, shutdown
 
     rank, world = init_from_env() if distributed else (0, 1)
     try:
         _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
-                   precise_bn, trust_pickle, report, quiet or rank != 0, rank, world)
+                   precise_bn, trust_pickle, report, quiet or rank != 0, rank, world, workers,
+                   checkpoint_every)
     finally:
         if distributed:
             shutdown()
 
 
+def state_path(output: Path, rank: int, world: int) -> Path:
+    """Where ``--checkpoint-every`` keeps a run's partial sums (one file per rank)."""
+    suffix = f".rank{rank}" if world > 1 else ""
+    return output.with_name(output.name + ".calib-state" + suffix)
+
+
 def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
-               precise_bn, trust_pickle, report, quiet, rank, world) -> None:
+               precise_bn, trust_pickle, report, quiet, rank, world, workers,
+               checkpoint_every) -> None:
     from sn_deploy.atomic import atomic_write
     from sn_deploy.calibrate import calibrate_from_data
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
@@ -58,20 +72,29 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     if report is not None:
         check_writable_dir(report.parent)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    state = state_path(output, rank, world)
     result = calibrate_from_data(loaded.model, data, recipe=rec, batch_size=batch_size,
                                  num_batches=num_batches, order=order, seed=seed,
-                                 precise_bn=precise_bn, progress=not quiet, rank=rank, world=world)
+                                 precise_bn=precise_bn, progress=not quiet, rank=rank, world=world,
+                                 workers=workers, state_path=state,
+                                 checkpoint_every=checkpoint_every)
     k = result.num_batches
     b = result.num_samples // k
-    if rank != 0:
-        return
-    report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
-    save_checkpoint_like(loaded, loaded.model, output)
-    if report is not None:
-        atomic_write(report, report_text)
-    typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
-               f"process{'es' if world > 1 else ''} ({result.images_per_second:.0f} images/s); "
-               f"wrote {output}")
+    if result.resumed_from and rank == 0:
+        typer.echo(f"resumed after {result.resumed_from} batch(es) saved in {state}")
+    if rank == 0:
+        report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
+        save_checkpoint_like(loaded, loaded.model, output)
+        if report is not None:
+            atomic_write(report, report_text)
+        typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
+                   f"process{'es' if world > 1 else ''} ({result.images_per_second:.0f} "
+                   f"images/s); wrote {output}")
+    if world > 1:  # every rank's state stays until rank 0 has written the result
+        import torch.distributed as dist
+
+        dist.barrier()
+    state.unlink(missing_ok=True)
 
 
 main = run_app(app)
