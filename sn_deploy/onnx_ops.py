@@ -1,11 +1,13 @@
 """The ``sn_deploy::SwitchableNorm`` ONNX operator: its schema and attribute names, in one place.
 
 Inputs: ``X`` (N, C, *spatial) or (N, C); ``scale``, ``bias`` (C,); optional ``running_mean``,
-``running_var`` (C,), present exactly when the layer has a BN branch.
+``running_var`` (C,), present exactly when the layer has a BN branch; optional ``residual``, same
+shape and type as ``X``, a fused skip connection (empty names fill the running-stat slots when a
+layer without BN branch has one).
 Attributes: ``epsilon``; ``mean_weights``/``var_weights``, the already-softmaxed mixing weights in
 branch order ([IN, LN, BN], [IN, LN] without running stats, or [LN, BN] for rank-2 input, i.e.
 SwitchNorm1d); ``relu`` (0/1), a fused ReLU on the output.
-Output: ``Y``, same shape and type as ``X``.
+Output: ``Y = relu?(SN(X) + residual)``, same shape and type as ``X``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ ATTR_EPSILON = "epsilon"
 ATTR_MEAN_WEIGHTS = "mean_weights"
 ATTR_VAR_WEIGHTS = "var_weights"
 ATTR_RELU = "relu"
+
+#: input slots, in schema order
+INPUT_X, INPUT_SCALE, INPUT_BIAS, INPUT_RUNNING_MEAN, INPUT_RUNNING_VAR, INPUT_RESIDUAL = range(6)
 
 #: metadata key on each SwitchableNorm node holding the PyTorch module's qualified name
 LAYER_NAME_KEY = "sn_deploy.layer"
@@ -41,6 +46,8 @@ def _schema() -> defs.OpSchema:
             param("bias", P, "per-channel beta, (C,)"),
             param("running_mean", P, "BN-branch mean, (C,)", param_option=optional),
             param("running_var", P, "BN-branch variance, (C,)", param_option=optional),
+            param("residual", T, "fused skip connection added before the ReLU, X's shape",
+                  param_option=optional),
         ],
         outputs=[param("Y", T, "normalized output, same shape as X")],
         type_constraints=[

@@ -67,14 +67,19 @@ def switchable_norm(
     eps: float = 1e-5,
     training: bool = False,
     relu: bool = False,
+    residual: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """SN forward in float64.
+    """SN forward in float64: ``relu?(SN(x) + residual)``.
 
     ``x`` is (N, C, *spatial) with weights [IN, LN, BN] (or [IN, LN] without running stats), or
     (N, C) with weights [LN, BN] (SwitchNorm1d).  Mixing weights are already softmaxed; ``scale``,
-    ``bias`` and the running stats are per-channel (any shape with C elements).
+    ``bias`` and the running stats are per-channel (any shape with C elements).  ``residual``
+    (same shape as ``x``) is a fused skip connection, added before the optional ReLU.
     """
     x = np.asarray(x, dtype=np.float64)
+    if residual is not None and np.shape(residual) != x.shape:
+        raise ValueError(f"residual has shape {np.shape(residual)}, the input {x.shape}: "
+                         "a fused residual must match the input exactly")
     N, C = x.shape[:2]
     mw = np.asarray(mean_weights, np.float64)
     vw = np.asarray(var_weights, np.float64)
@@ -106,6 +111,8 @@ def switchable_norm(
         a = per_c(scale)[None] / np.sqrt(var + eps)  # (N, C)
         b = per_c(bias)[None] - mean * a
         y = x * a.reshape(N, C, *extra) + b.reshape(N, C, *extra)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
     return np.maximum(y, 0.0) if relu else y
 
 
