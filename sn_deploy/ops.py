@@ -36,6 +36,7 @@ class SnParams(ctypes.Structure):
         ("eps", ctypes.c_float), ("relu", ctypes.c_int32),
         ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
         ("running_mean", ctypes.c_void_p), ("running_var", ctypes.c_void_p),
+        ("residual", ctypes.c_void_p),
     ]
 
 
@@ -157,19 +158,29 @@ def switchable_norm_cpu(
     relu: bool = False,
     num_threads: int = 0,
     out: Optional[np.ndarray] = None,
+    residual: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """SN inference on the CPU kernel: float32/float16 NCHW (or (N, C)) in, same dtype out.
 
     Mixing weights are already softmaxed; running stats are None when the layer has no BN branch.
-    ``out`` (C-contiguous, same shape and dtype) avoids allocating the result.
+    ``out`` (C-contiguous, same shape and dtype) avoids allocating the result. ``residual`` (the
+    input's shape and dtype) is a fused skip connection: ``y = relu?(SN(x) + residual)``.
     """
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float16):
         raise ValueError(f"switchable_norm_cpu takes float32 or float16, got {x.dtype}")
     x = np.ascontiguousarray(x)
+    if residual is not None:
+        residual = np.asarray(residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must have the input's shape and dtype {x.shape} {x.dtype}, "
+                             f"got {residual.shape} {residual.dtype}")
+        residual = np.ascontiguousarray(residual)
     lib = cpu_library()
     params, keep = make_params(x.shape, scale, bias, running_mean, running_var, mean_weights,
                                var_weights, eps, relu)
+    if residual is not None:
+        params.residual = residual.ctypes.data
     if out is None:
         y = np.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
@@ -178,5 +189,5 @@ def switchable_norm_cpu(
         y = out
     fn = lib.sn_forward_cpu_f32 if x.dtype == np.float32 else lib.sn_forward_cpu_f16
     check(fn(ctypes.byref(params), x.ctypes.data, y.ctypes.data, int(num_threads)), lib)
-    del keep
+    del keep, residual
     return y

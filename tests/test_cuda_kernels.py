@@ -51,9 +51,10 @@ def _gpu_reason() -> str | None:
 gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
 
-def run_cuda(x, p, relu=False, misalign=False):
-    """Run libsn_cuda.so on torch CUDA tensors through ctypes (``misalign``: x and y one element
-    past an aligned address, so the vectorized paths must step aside)."""
+def run_cuda(x, p, relu=False, misalign=False, residual=None):
+    """Run libsn_cuda.so on torch CUDA tensors through ctypes (``misalign``: True puts x, y and the
+    residual, "residual" only the residual, one element past an aligned address, so the
+    vectorized paths must step aside)."""
     import torch
 
     lib = ctypes.CDLL(str(ops.library_path("sn_cuda")))
@@ -66,13 +67,17 @@ def run_cuda(x, p, relu=False, misalign=False):
                                 p["mean_weights"], p["var_weights"], 1e-5, relu)
     for k, t in tensors.items():
         setattr(params, k, None if t is None else t.data_ptr())
-    if misalign:
-        xt = torch.empty(x.size + 1, dtype=torch.from_numpy(x).dtype, device="cuda")[1:].view(x.shape)
-        xt.copy_(torch.from_numpy(x))
-        yt = torch.empty(x.size + 1, dtype=xt.dtype, device="cuda")[1:].view(x.shape)
-    else:
-        xt = torch.from_numpy(x).cuda()
-        yt = torch.empty_like(xt)
+
+    def upload(a, shifted):
+        if not shifted:
+            return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+        t = torch.empty(a.size + 1, dtype=torch.from_numpy(a).dtype, device="cuda")[1:].view(a.shape)
+        return t.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+
+    xt = upload(x, misalign is True)
+    yt = upload(np.empty_like(x), misalign is True)
+    rt = upload(residual, bool(misalign)) if residual is not None else None
+    params.residual = rt.data_ptr() if rt is not None else None
     L = params.L if not params.rank2 else 1
     ws = torch.empty(lib.sn_cuda_workspace_size(params.N, params.C, L), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
@@ -94,11 +99,12 @@ def params(C, nw, using_bn, seed=0):
                 mean_weights=R.softmax(rng.normal(size=nw)), var_weights=R.softmax(rng.normal(size=nw)))
 
 
-def ref(x, p, relu=False):
+def ref(x, p, relu=False, residual=None):
     f32 = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
     return R.switchable_norm(x.astype(np.float64), f32(p["scale"]), f32(p["bias"]),
                              f32(p["mean_weights"]), f32(p["var_weights"]), f32(p["running_mean"]),
-                             f32(p["running_var"]), relu=relu)
+                             f32(p["running_var"]), relu=relu,
+                             residual=None if residual is None else residual.astype(np.float64))
 
 
 CASES = [((2, 5, 7, 11), True), ((1, 64, 56, 56), True), ((8, 3, 300, 301), True),
@@ -168,6 +174,26 @@ def test_misaligned_pointers_take_the_scalar_path(dtype, shape):
     x = np.random.default_rng(6).normal(size=shape).astype(dtype)
     tol = dict(rtol=2e-3, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run_cuda(x, p, misalign=True).astype(np.float64), ref(x, p), **tol)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape,using_bn", CASES)
+@pytest.mark.parametrize("misalign", [False, True, "residual"],
+                         ids=["aligned", "misaligned", "residual-misaligned"])
+def test_fused_residual_matches_reference(dtype, shape, using_bn, misalign):
+    """relu(SN(x) + r) on the vectorized (float4/half2), scalar and rank-2 apply paths."""
+    nw = 2 if (len(shape) == 2 or not using_bn) else 3
+    p = params(shape[1], nw, using_bn)
+    rng = np.random.default_rng(8)
+    x = rng.normal(0.5, 2, size=shape).astype(dtype)
+    r = rng.normal(-0.5, 1.5, size=shape).astype(dtype)
+    y = run_cuda(x, p, relu=True, misalign=misalign, residual=r)
+    assert y.dtype == dtype
+    tol = dict(rtol=2e-3, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
+    expected = ref(x, p, relu=True, residual=r)
+    np.testing.assert_allclose(y.astype(np.float64), expected, **tol)
 
 
 @pytest.mark.gpu

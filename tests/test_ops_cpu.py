@@ -28,9 +28,10 @@ def params(C, nw, using_bn, seed=0):
         var_weights=R.softmax(rng.normal(size=nw)).astype(np.float32))
 
 
-def ref(x, p, relu=False):
+def ref(x, p, relu=False, residual=None):
     return R.switchable_norm(x.astype(np.float64), p["scale"], p["bias"], p["mean_weights"],
-                             p["var_weights"], p["running_mean"], p["running_var"], relu=relu)
+                             p["var_weights"], p["running_mean"], p["running_var"], relu=relu,
+                             residual=None if residual is None else residual.astype(np.float64))
 
 
 def nweights(shape, using_bn):
@@ -60,6 +61,45 @@ def test_fp16_matches_reference(shape, using_bn, relu, rng):
     y = ops.switchable_norm_cpu(x, **p, relu=relu)
     assert y.dtype == np.float16 and y.shape == x.shape
     np.testing.assert_allclose(y.astype(np.float64), ref(x, p, relu), rtol=2e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("shape,using_bn", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fused_residual_matches_reference(shape, using_bn, relu, dtype, rng):
+    """relu?(SN(x) + residual) in one pass, every rank, both dtypes (fp16: one rounding)."""
+    p = params(shape[1], nweights(shape, using_bn), using_bn)
+    x = rng.normal(0.3, 2.0, size=shape).astype(dtype)
+    r = rng.normal(-0.5, 1.5, size=shape).astype(dtype)
+    y = ops.switchable_norm_cpu(x, **p, relu=relu, residual=r)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = dict(rtol=2e-3, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.astype(np.float64), ref(x, p, relu, residual=r), **tol)
+    without = ops.switchable_norm_cpu(x, **p).astype(np.float64)
+    assert np.abs(y.astype(np.float64) - without).max() > 0.1  # the residual did take part
+
+
+def test_fused_residual_in_place_and_threads(rng):
+    """The residual's buffer may be the output (y += SN(x) in place); threads agree bitwise."""
+    p = params(32, 3, True)
+    x = rng.normal(size=(4, 32, 40, 40)).astype(np.float32)
+    r = rng.normal(size=x.shape).astype(np.float32)
+    one = ops.switchable_norm_cpu(x, **p, relu=True, residual=r, num_threads=1)
+    for t in (2, 0):
+        np.testing.assert_array_equal(ops.switchable_norm_cpu(x, **p, relu=True, residual=r,
+                                                              num_threads=t), one)
+    buf = r.copy()
+    assert ops.switchable_norm_cpu(x, **p, relu=True, residual=buf, out=buf) is buf
+    np.testing.assert_array_equal(buf, one)
+
+
+def test_fused_residual_argument_checks():
+    p = params(3, 3, True)
+    x = np.ones((2, 3, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="residual must have the input's shape and dtype"):
+        ops.switchable_norm_cpu(x, **p, residual=np.ones((2, 3, 4, 1), np.float32))
+    with pytest.raises(ValueError, match="residual must have the input's shape and dtype"):
+        ops.switchable_norm_cpu(x, **p, residual=np.ones((2, 3, 4, 4), np.float16))
 
 
 @pytest.mark.parametrize("shape,using_bn", SHAPES[:5])
@@ -140,18 +180,21 @@ def test_out_buffer(rng):
 @given(n=st.integers(1, 3), c=st.integers(2, 7),
        spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3).filter(
            lambda s: len(s) == 0 or int(np.prod(s)) >= 2),
-       using_bn=st.booleans(), relu=st.booleans(), half=st.booleans(),
+       using_bn=st.booleans(), relu=st.booleans(), half=st.booleans(), residual=st.booleans(),
        loc=st.sampled_from([0.0, 1.0, 100.0]), seed=st.integers(0, 10_000))
-def test_property(n, c, spatial, using_bn, relu, half, loc, seed):
-    """Random small shapes of every rank (2: SwitchNorm1d), both dtypes, offset inputs."""
+def test_property(n, c, spatial, using_bn, relu, half, residual, loc, seed):
+    """Random small shapes of every rank (2: SwitchNorm1d), both dtypes, offset inputs, with and
+    without a fused residual."""
     shape = (n, c, *spatial)
     using_bn = using_bn or len(shape) == 2
     p = params(c, nweights(shape, using_bn), using_bn, seed)
-    x = np.random.default_rng(seed).normal(loc, 3.0, size=shape).astype(
-        np.float16 if half else np.float32)
-    y = ops.switchable_norm_cpu(x, **p, relu=relu).astype(np.float64)
+    gen = np.random.default_rng(seed)
+    dtype = np.float16 if half else np.float32
+    x = gen.normal(loc, 3.0, size=shape).astype(dtype)
+    r = gen.normal(0.0, 2.0, size=shape).astype(dtype) if residual else None
+    y = ops.switchable_norm_cpu(x, **p, relu=relu, residual=r).astype(np.float64)
     tol = dict(rtol=2e-3, atol=4e-3) if half else dict(rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(y, ref(x, p, relu), **tol)
+    np.testing.assert_allclose(y, ref(x, p, relu, residual=r), **tol)
 
 
 def test_missing_toolchain_is_a_clear_runtime_error(tmp_path, monkeypatch):

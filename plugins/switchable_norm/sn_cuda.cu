@@ -5,7 +5,8 @@
 //     warps through shared memory (Chan), in a fixed order: no atomics, bitwise reproducible.
 //  2. combine: one block per sample merges the splits in double, forms IN/LN/BN statistics and the
 //     per-(n, c) affine terms (sn_math.h).
-//  3. apply: y = (x - s) * A + B (+ ReLU), vectorized (float4 / half2) when the plane allows.
+//  3. apply: y = (x - s) * A + B (+ fused residual, + ReLU), vectorized (float4 / half2) when the
+//     plane and all three pointers allow.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -202,8 +203,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const T* __restrict__
   }
 }
 
+// y = relu?((x - s) * A + B [+ r]); r (the fused residual) may be nullptr.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) apply_planes_kernel(const T* __restrict__ x,
+                                                                const T* __restrict__ res,
                                                                 T* __restrict__ y, Layout lo,
                                                                 const sn::Affine* __restrict__ terms,
                                                                 int relu) {
@@ -214,44 +217,68 @@ __global__ void __launch_bounds__(kThreads) apply_planes_kernel(const T* __restr
   const int64_t begin = split * chunk;
   const int64_t end = begin + chunk < lo.len ? begin + chunk : lo.len;
   const T* xr = x + run * lo.len;
+  const T* rr = res != nullptr ? res + run * lo.len : nullptr;
   T* yr = y + run * lo.len;
+  const uintptr_t addresses = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y) |
+                              reinterpret_cast<uintptr_t>(res);
   if constexpr (sizeof(T) == 4) {
-    if ((lo.len & 3) == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 15) == 0) {
+    if ((lo.len & 3) == 0 && (addresses & 15) == 0) {
       const float4* v = reinterpret_cast<const float4*>(xr + begin);
+      const float4* rv = rr != nullptr ? reinterpret_cast<const float4*>(rr + begin) : nullptr;
       float4* o = reinterpret_cast<float4*>(yr + begin);
       const int64_t n4 = (end > begin ? end - begin : 0) >> 2;
       for (int64_t i = threadIdx.x; i < n4; i += kThreads) {
         float4 q = v[i];
-        q.x = sn::apply(q.x, t, relu);
-        q.y = sn::apply(q.y, t, relu);
-        q.z = sn::apply(q.z, t, relu);
-        q.w = sn::apply(q.w, t, relu);
+        if (rr != nullptr) {
+          const float4 r = rv[i];
+          q.x = sn::apply(q.x, r.x, t, relu);
+          q.y = sn::apply(q.y, r.y, t, relu);
+          q.z = sn::apply(q.z, r.z, t, relu);
+          q.w = sn::apply(q.w, r.w, t, relu);
+        } else {
+          q.x = sn::apply(q.x, t, relu);
+          q.y = sn::apply(q.y, t, relu);
+          q.z = sn::apply(q.z, t, relu);
+          q.w = sn::apply(q.w, t, relu);
+        }
         o[i] = q;
       }
       return;
     }
   } else {
-    if ((lo.len & 1) == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 3) == 0) {
+    if ((lo.len & 1) == 0 && (addresses & 3) == 0) {
       const __half2* v = reinterpret_cast<const __half2*>(xr + begin);
+      const __half2* rv = rr != nullptr ? reinterpret_cast<const __half2*>(rr + begin) : nullptr;
       __half2* o = reinterpret_cast<__half2*>(yr + begin);
       const int64_t n2 = (end > begin ? end - begin : 0) >> 1;
       for (int64_t i = threadIdx.x; i < n2; i += kThreads) {
         const float2 q = __half22float2(v[i]);
-        o[i] = __floats2half2_rn(sn::apply(q.x, t, relu), sn::apply(q.y, t, relu));
+        if (rr != nullptr) {
+          const float2 r = __half22float2(rv[i]);
+          o[i] = __floats2half2_rn(sn::apply(q.x, r.x, t, relu), sn::apply(q.y, r.y, t, relu));
+        } else {
+          o[i] = __floats2half2_rn(sn::apply(q.x, t, relu), sn::apply(q.y, t, relu));
+        }
       }
       return;
     }
   }
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
-    yr[i] = from_float<T>(sn::apply(to_float(xr[i]), t, relu));
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float v = to_float(xr[i]);
+    yr[i] = from_float<T>(rr != nullptr ? sn::apply(v, to_float(rr[i]), t, relu) : sn::apply(v, t, relu));
+  }
 }
 
 template <typename T>
-__global__ void apply_rows_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total,
+__global__ void apply_rows_kernel(const T* __restrict__ x, const T* __restrict__ res,
+                                  T* __restrict__ y, int64_t total,
                                   const sn::Affine* __restrict__ terms, int relu) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x)
-    y[i] = from_float<T>(sn::apply(to_float(x[i]), terms[i], relu));
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float v = to_float(x[i]);
+    y[i] = from_float<T>(res != nullptr ? sn::apply(v, to_float(res[i]), terms[i], relu)
+                                        : sn::apply(v, terms[i], relu));
+  }
 }
 
 int check(const SnParams* p) {
@@ -265,6 +292,7 @@ int check(const SnParams* p) {
 template <typename T>
 int run(const SnParams* p, const void* xv, void* yv, void* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(xv);
+  const T* res = static_cast<const T*>(p->residual);
   T* y = static_cast<T*>(yv);
   const bool rank2 = p->rank2 != 0;
   const Layout lo = layout_of(p->N, p->C, p->L, rank2);
@@ -275,9 +303,9 @@ int run(const SnParams* p, const void* xv, void* yv, void* workspace, cudaStream
   if (rank2) {
     const int64_t total = p->N * p->C;
     const unsigned grid = (unsigned)((total + kThreads - 1) / kThreads < 65535 ? (total + kThreads - 1) / kThreads : 65535);
-    apply_rows_kernel<T><<<grid, kThreads, 0, stream>>>(x, y, total, w.terms, p->relu);
+    apply_rows_kernel<T><<<grid, kThreads, 0, stream>>>(x, res, y, total, w.terms, p->relu);
   } else {
-    apply_planes_kernel<T><<<blocks, kThreads, 0, stream>>>(x, y, lo, w.terms, p->relu);
+    apply_planes_kernel<T><<<blocks, kThreads, 0, stream>>>(x, res, y, lo, w.terms, p->relu);
   }
   return cudaGetLastError() == cudaSuccess ? SN_OK : SN_ERR_CUDA;
 }

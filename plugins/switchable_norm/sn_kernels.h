@@ -29,6 +29,8 @@ typedef struct SnParams {
   const float* bias;         /* (C,) beta */
   const float* running_mean; /* (C,) or NULL when using_bn == 0 */
   const float* running_var;  /* (C,) or NULL when using_bn == 0 */
+  const void* residual;      /* NULL, or a fused skip connection: x's shape and dtype, NCHW-contiguous;
+                                y = relu?(SN(x) + residual) */
 } SnParams;                  /* pointers: host memory for the CPU entry points, device memory for CUDA */
 
 enum { SN_OK = 0, SN_ERR_INVALID_ARGUMENT = 1, SN_ERR_DEGENERATE = 2, SN_ERR_CUDA = 3 };

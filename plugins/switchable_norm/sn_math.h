@@ -7,7 +7,8 @@
 //    digit the float32 mean itself would lose. Moments are (mean of x - s, M2, count), built with
 //    Welford/Chan merging, accumulated in float32 (also for float16 input: never a raw fp16 x^2).
 //  * The per-(n, c) combination (IN/LN/BN mixing, the affine terms) runs in double: it is O(N*C).
-//  * The output is y = (x - s) * A + B with B = beta - (mean - s) * A, so no large term cancels.
+//  * The output is y = (x - s) * A + B with B = beta - (mean - s) * A, so no large term cancels;
+//    a fused residual r is added before the optional ReLU.
 #ifndef SN_MATH_H
 #define SN_MATH_H
 
@@ -88,9 +89,20 @@ SN_HD Affine affine_terms(double shift, double mean_in, double var_in, double me
   return Affine{(float)shift, (float)a, (float)(beta - (mean - shift) * a)};
 }
 
+// ReLU written as a compare-and-select: it vectorizes (fmaxf does not, without fast-math) and
+// passes NaN through, as the ReLU op of an unfused graph does.
+SN_HD float relu_of(float y) { return y < 0.f ? 0.f : y; }
+
 SN_HD float apply(float x, const Affine& t, bool relu) {
   const float y = (x - t.shift) * t.a + t.b;
-  return relu ? fmaxf(y, 0.f) : y;
+  return relu ? relu_of(y) : y;
+}
+
+// The same with a fused residual r (a ResNet block's skip connection): relu?(SN(x) + r). The sum is
+// taken in float32 also for fp16 tensors, so it is rounded once, when y is stored.
+SN_HD float apply(float x, float r, const Affine& t, bool relu) {
+  const float y = (x - t.shift) * t.a + t.b + r;
+  return relu ? relu_of(y) : y;
 }
 
 // IEEE binary16 <-> float for host code (CUDA uses __half intrinsics).
