@@ -19,8 +19,12 @@ from sn_deploy.runtime.onnxruntime import create_session
 from tests.conftest import randomize_sn
 
 
-def sn_model(shape, using_bn=True, opset=18, relu=False, seed=0, dynamic=(), dtype=np.float32):
-    """A one-node model.sn.onnx built by hand, plus its parameters for the reference."""
+def sn_model(shape, using_bn=True, opset=18, relu=False, seed=0, dynamic=(), dtype=np.float32,
+             residual=False):
+    """A one-node model.sn.onnx built by hand, plus its parameters for the reference.
+
+    ``residual``: a second graph input ``R`` (X's shape and type) is the node's fused residual.
+    """
     rng = np.random.default_rng(seed)
     C = shape[1]
     nw = 2 if (not using_bn or len(shape) == 2) else 3
@@ -34,14 +38,18 @@ def sn_model(shape, using_bn=True, opset=18, relu=False, seed=0, dynamic=(), dty
     }
     has_running = using_bn or len(shape) == 2
     names = ["scale", "bias"] + (["running_mean", "running_var"] if has_running else [])
-    node = helper.make_node(onnx_ops.OP_TYPE, ["X"] + [f"l.{n}" for n in names], ["l.output"],
+    inputs = ["X"] + [f"l.{n}" for n in names]
+    if residual:
+        inputs += [""] * (onnx_ops.INPUT_RESIDUAL - len(inputs)) + ["R"]
+    node = helper.make_node(onnx_ops.OP_TYPE, inputs, ["l.output"],
                             domain=onnx_ops.DOMAIN, name="l", epsilon=1e-5,
                             mean_weights=p["mw"].tolist(), var_weights=p["vw"].tolist(),
                             relu=int(relu))
     dims = [f"d{i}" if i in dynamic else d for i, d in enumerate(shape)]
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    graph_inputs = [helper.make_tensor_value_info(n, elem, dims) for n in ["X", "R"][:1 + residual]]
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("X", elem, dims)],
+        [node], "g", graph_inputs,
         [helper.make_tensor_value_info("l.output", elem, dims)],
         [onnx.numpy_helper.from_array(p[n], f"l.{n}") for n in names])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
@@ -51,9 +59,9 @@ def sn_model(shape, using_bn=True, opset=18, relu=False, seed=0, dynamic=(), dty
     return model, p
 
 
-def ref(x, p, relu=False):
+def ref(x, p, relu=False, residual=None):
     return R.switchable_norm(x, p["scale"], p["bias"], p["mw"], p["vw"], p["running_mean"],
-                             p["running_var"], eps=1e-5, relu=relu)
+                             p["running_var"], eps=1e-5, relu=relu, residual=residual)
 
 
 def run(model, x):
@@ -84,6 +92,47 @@ def test_relu_attribute(rng):
     y = run(decompose_model(model), x)
     assert (y >= 0).all()
     np.testing.assert_allclose(y, ref(x, p, relu=True), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,using_bn", [((2, 5, 7, 7), True), ((3, 6, 5, 4), False),
+                                            ((4, 7), True), ((2, 3, 3, 4, 5), True)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_residual_lowered_to_add_then_relu(shape, using_bn, relu, rng):
+    """A fused node (passes/fuse.py) lowers to the application, Add(residual), then Relu."""
+    model, p = sn_model(shape, using_bn, relu=relu, residual=True)
+    dec = decompose_model(model)
+    nodes = {o: n for n in dec.graph.node for o in n.output}
+    last = nodes["l.output"]
+    if relu:
+        assert last.op_type == "Relu"
+        last = nodes[last.input[0]]
+    assert last.op_type == "Add" and "R" in last.input
+    x = rng.normal(0.5, 2.0, size=shape).astype(np.float32)
+    r = rng.normal(0.0, 3.0, size=shape).astype(np.float32)
+    expected = ref(x, p, relu=relu, residual=r)
+    np.testing.assert_allclose(create_session(dec).run(None, {"X": x, "R": r})[0], expected,
+                               rtol=1e-4, atol=1e-5)
+    # the custom-op form of the same node (native library, else the Python op) agrees
+    np.testing.assert_allclose(create_session(model).run(None, {"X": x, "R": r})[0], expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_residual_float16(rng):
+    model, p = sn_model((2, 4, 8, 8), dtype=np.float16, relu=True, residual=True)
+    x = rng.normal(3.0, 1.0, size=(2, 4, 8, 8)).astype(np.float16)
+    r = rng.normal(size=(2, 4, 8, 8)).astype(np.float16)
+    y = create_session(decompose_model(model)).run(None, {"X": x, "R": r})[0]
+    assert y.dtype == np.float16
+    expected = ref(x.astype(np.float64), p, relu=True, residual=r.astype(np.float64))
+    np.testing.assert_allclose(y.astype(np.float64), expected, atol=2e-2)
+
+
+def test_fused_residual_that_broadcasts_is_refused():
+    model, _ = sn_model((2, 5, 7, 7), residual=True)
+    dims = model.graph.input[1].type.tensor_type.shape.dim
+    dims[2].dim_value = dims[3].dim_value = 1
+    with pytest.raises(InputError, match="cannot broadcast"):
+        decompose_model(model)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 16, 16), (3, 5)])

@@ -58,6 +58,17 @@ def test_python_custom_op_matches_reference(shape, using_bn, relu, rng):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,using_bn,relu", [((2, 5, 7, 7), True, True),
+                                                 ((3, 4, 6, 6), False, False), ((4, 9), True, True)])
+def test_python_custom_op_with_residual(shape, using_bn, relu, rng):
+    model, p = sn_model(shape, using_bn, relu=relu, residual=True)
+    x = rng.normal(0.5, 2.0, size=shape).astype(np.float32)
+    r = rng.normal(size=shape).astype(np.float32)
+    sess = rt.create_session(model, native_op=False, threads=1)
+    np.testing.assert_allclose(rt.run(sess, {"X": x, "R": r})["l.output"],
+                               ref(x, p, relu=relu, residual=r), rtol=1e-5, atol=1e-5)
+
+
 def test_python_custom_op_reference_fallback(monkeypatch, rng):
     """Without the compiled kernel the op computes with the float64 reference, cast to float32."""
     from sn_deploy import ops
@@ -70,15 +81,20 @@ def test_python_custom_op_reference_fallback(monkeypatch, rng):
     y = rt.run(rt.create_session(model), {"X": x})["l.output"]
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, ref(x, p), rtol=1e-6, atol=1e-6)
+    model, p = sn_model((2, 4, 5, 6), relu=True, residual=True)
+    r = rng.normal(size=x.shape).astype(np.float32)
+    y = rt.run(rt.create_session(model), {"X": x, "R": r})["l.output"]
+    np.testing.assert_allclose(y, ref(x, p, relu=True, residual=r), rtol=1e-6, atol=1e-6)
 
 
 def test_python_custom_op_model_form():
-    """In-memory copy: same domain and op, weight lists as JSON strings, five inputs."""
+    """In-memory copy: same domain and op, weight lists as JSON strings, six inputs."""
     model, p = sn_model((2, 3, 5, 5), using_bn=False)
     before = model.SerializeToString()
     node = rt._for_pyop(model).graph.node[0]
     assert (node.domain, node.op_type) == (onnx_ops.DOMAIN, onnx_ops.OP_TYPE)
-    assert len(node.input) == 5 and node.input[3] == node.input[4] == "sn_deploy.empty"
+    assert len(node.input) == 6
+    assert node.input[3] == node.input[4] == node.input[5] == "sn_deploy.empty"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     np.testing.assert_allclose(np.array(json.loads(attrs["mean_weights"])), p["mw"], rtol=1e-7)
     assert model.SerializeToString() == before
@@ -146,6 +162,36 @@ def test_native_op_fp16_and_relu(rng):
     y = rt.create_session(model).run(None, {"X": x})[0]
     assert y.dtype == np.float16 and (y >= 0).all()
     np.testing.assert_allclose(y.astype(np.float64), ref(x.astype(np.float64), p, relu=True), atol=1e-2)
+
+
+@native
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape,using_bn", [((2, 5, 7, 7), True), ((1, 3, 6, 6), False),
+                                            ((4, 9), True), ((4, 64, 40, 40), True)])
+def test_native_op_with_residual_matches_reference(shape, using_bn, dtype, rng):
+    """The 6th input: relu(SN(x) + residual) on ORT's threads, fp32 and fp16."""
+    model, p = sn_model(shape, using_bn, relu=True, residual=True, dtype=dtype)
+    x = rng.normal(0.5, 2.0, size=shape).astype(dtype)
+    r = rng.normal(size=shape).astype(dtype)
+    y = rt.create_session(model, threads=2).run(None, {"X": x, "R": r})[0]
+    assert y.dtype == dtype
+    tol = dict(rtol=2e-3, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-5)
+    expected = ref(x.astype(np.float64), p, relu=True, residual=r.astype(np.float64))
+    np.testing.assert_allclose(y.astype(np.float64), expected, **tol)
+    if dtype == np.float32:
+        py_y = rt.create_session(model, native_op=False).run(None, {"X": x, "R": r})[0]
+        np.testing.assert_allclose(y, py_y, rtol=1e-6, atol=1e-6)
+
+
+@native
+def test_native_op_refuses_a_residual_of_another_shape(rng):
+    model, _ = sn_model((2, 3, 6, 6), residual=True)
+    for i, d in enumerate(model.graph.input[1].type.tensor_type.shape.dim):
+        d.dim_param = f"r{i}"  # a dynamic residual: only the op itself can check it
+    sess = rt.create_session(model)
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    with pytest.raises(Exception, match="residual must have the type and shape of X"):
+        sess.run(None, {"X": x, "R": np.ones((2, 3, 6, 1), np.float32)})
 
 
 @native

@@ -10,7 +10,8 @@
   session creation with "Attribute name and type don't match" whether declared dt_float or
   dt_string), and it takes a fixed input list (an empty optional input is "marked single but has
   an empty string"). So its session is built from an in-memory copy whose SN nodes carry the
-  weight lists as JSON strings and all five inputs (absent running stats → an empty tensor); the
+  weight lists as JSON strings and all six inputs (absent running stats or residual → an empty
+  tensor); the
   file on disk is untouched. The op computes with the compiled CPU kernel
   (:func:`sn_deploy.ops.switchable_norm_cpu`) when it loads, else with the float64 reference
   cast to the input dtype; :func:`implementation` says which. It is float32 only, and slow on
@@ -110,18 +111,20 @@ def _pyop_implementation() -> str:
     return "reference"
 
 
-def _compute(x, scale, bias, running_mean, running_var, mean_weights, var_weights, eps, relu):
+def _compute(x, scale, bias, running_mean, running_var, residual, mean_weights, var_weights, eps,
+             relu):
     rm = running_mean if running_mean.size else None
     rv = running_var if running_var.size else None
+    res = np.ascontiguousarray(residual) if residual.size else None
     if _pyop_implementation() == "native-cpu":
         from sn_deploy import ops
 
         return ops.switchable_norm_cpu(x, scale, bias, rm, rv, mean_weights, var_weights, eps,
-                                       relu=relu)
+                                       relu=relu, residual=res)
     from sn_deploy import reference
 
     y = reference.switchable_norm(x, scale, bias, mean_weights, var_weights, rm, rv, eps=eps,
-                                  relu=relu)
+                                  relu=relu, residual=res)
     return y.astype(x.dtype)
 
 
@@ -131,12 +134,12 @@ def _register_pyop() -> None:
 
     f = PyCustomOpDef.dt_float
 
-    @onnx_op(op_type=f"{onnx_ops.DOMAIN}::{onnx_ops.OP_TYPE}", inputs=[f, f, f, f, f], outputs=[f],
+    @onnx_op(op_type=f"{onnx_ops.DOMAIN}::{onnx_ops.OP_TYPE}", inputs=[f] * 6, outputs=[f],
              attrs={"epsilon": PyCustomOpDef.dt_float, "mean_weights": PyCustomOpDef.dt_string,
                     "var_weights": PyCustomOpDef.dt_string, "relu": PyCustomOpDef.dt_int64})
-    def switchable_norm(x, scale, bias, running_mean, running_var, **attrs):
+    def switchable_norm(x, scale, bias, running_mean, running_var, residual, **attrs):
         return _compute(
-            np.ascontiguousarray(x), scale, bias, running_mean, running_var,
+            np.ascontiguousarray(x), scale, bias, running_mean, running_var, residual,
             np.asarray(json.loads(attrs["mean_weights"]), np.float32),
             np.asarray(json.loads(attrs["var_weights"]), np.float32),
             float(attrs["epsilon"]), bool(attrs.get("relu", 0)),
@@ -146,7 +149,7 @@ def _register_pyop() -> None:
 def _for_pyop(model: onnx.ModelProto) -> onnx.ModelProto:
     """In-memory copy with SN nodes in the form the Python custom-op bridge can call.
 
-    Same domain and op type; weight lists as JSON strings, all five inputs present.
+    Same domain and op type; weight lists as JSON strings, all six inputs present.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     empty_name = "sn_deploy.empty"
@@ -166,7 +169,7 @@ def _for_pyop(model: onnx.ModelProto) -> onnx.ModelProto:
             onnx.helper.make_attribute(onnx_ops.ATTR_RELU, int(attrs.get(onnx_ops.ATTR_RELU, 0))),
         ])
         inputs = [i if i else empty_name for i in node.input]
-        inputs += [empty_name] * (5 - len(inputs))
+        inputs += [empty_name] * (6 - len(inputs))
         needs_empty |= empty_name in inputs
         del node.input[:]
         node.input.extend(inputs)

@@ -76,6 +76,7 @@ struct SnKernel {
     p.running_mean = per_channel(3);
     p.running_var = per_channel(4);
     p.using_bn = p.running_mean != nullptr;
+    p.residual = residual(ctx, n_inputs, info.GetElementType(), shape);
     for (size_t i = 0; i < mean_w.size(); ++i) {
       p.mean_w[i] = mean_w[i];
       p.var_w[i] = var_w[i];
@@ -93,6 +94,18 @@ struct SnKernel {
     Phase combine{&plan, p.N, &sn_cpu::combine};
     Phase apply{&plan, plan.runs, &sn_cpu::apply};
     for (Phase* phase : {&moments, &combine, &apply}) phase->run(ctx);
+  }
+
+  // The optional 6th input, a fused skip connection: X's type and exactly X's shape (no broadcast).
+  static const void* residual(Ort::KernelContext& ctx, size_t n_inputs, ONNXTensorElementDataType type,
+                              const std::vector<int64_t>& shape) {
+    if (n_inputs <= 5) return nullptr;
+    Ort::ConstValue r = ctx.GetInput(5);
+    if (!r) return nullptr;
+    auto info = r.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != type || info.GetShape() != shape)
+      ORT_CXX_API_THROW("SwitchableNorm: residual must have the type and shape of X", ORT_INVALID_ARGUMENT);
+    return r.GetTensorRawData();
   }
 
   // One phase split into blocks of whole runs (or samples) for ORT's thread pool.
@@ -128,9 +141,9 @@ struct SnOp : Ort::CustomOpBase<SnOp<T>, SnKernel> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SnKernel(info); }
   const char* GetName() const { return "SwitchableNorm"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return 6; }  // X, scale, bias, running_mean, running_var, residual
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0 ? Traits<T>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 0 || i == 5 ? Traits<T>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
