@@ -11,8 +11,13 @@ Output: ``Y = relu?(SN(X) + residual)``, same shape and type as ``X``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import onnx
 from onnx import defs, helper
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 DOMAIN = "sn_deploy"
 OP_TYPE = "SwitchableNorm"
@@ -69,6 +74,12 @@ def _schema() -> defs.OpSchema:
             ),
         ],
     )
+
+
+def residual_input(node: gs.Node) -> Optional[gs.Tensor]:
+    """The fused residual tensor of a SwitchableNorm node (an onnx-graphsurgeon Node), or None."""
+    i = INPUT_RESIDUAL
+    return node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None
 
 
 def _infer(ctx) -> None:

@@ -122,3 +122,28 @@ def test_default_domain_on_request():
     out = to_plugin_model(model, domain="")
     assert out.graph.node[0].op_type == PLUGIN_OP and out.graph.node[0].domain == ""
     assert {o.domain for o in out.opset_import} == {""}
+
+
+@pytest.mark.parametrize("using_bn", [True, False])
+def test_fused_residual_becomes_the_second_input(using_bn):
+    """The residual stays a tensor input (X, residual); the field says so; the fields and the
+    residual alone reproduce the reference."""
+    from sn_deploy import reference as R
+    from tests.test_decompose import ref
+
+    model, p = sn_model((2, 5, 7, 7), using_bn=using_bn, relu=True, residual=True)
+    (node,) = to_plugin_model(model).graph.node
+    assert list(node.input) == ["X", "R"] and list(node.output) == ["l.output"]
+    a = _attrs(node)
+    assert a["residual"] == 1 and a["relu"] == 1
+    assert ("running_mean" in a) == using_bn
+    t = lambda k: onnx.numpy_helper.to_array(a[k]) if k in a else None  # noqa: E731
+    rng = np.random.default_rng(2)
+    x, r = rng.normal(size=(2, 2, 5, 7, 7))
+    y = R.switchable_norm(x, t("scale"), t("bias"), a["mean_weights"], a["var_weights"],
+                          t("running_mean"), t("running_var"), eps=a["epsilon"],
+                          relu=bool(a["relu"]), residual=r)
+    np.testing.assert_allclose(y, ref(x, p, relu=True, residual=r), rtol=1e-6, atol=1e-6)
+    (plain,) = to_plugin_model(sn_model((2, 5, 7, 7))[0]).graph.node
+    assert _attrs(plain)["residual"] == 0 and list(plain.input) == ["X"]
+

@@ -156,6 +156,25 @@ def test_plugin_engine_matches_reference(tmp_path, shape, using_bn):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(_NO_TRT is not None, reason=str(_NO_TRT))
 @needs_plugin
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_plugin_engine_with_residual(tmp_path, fp16):
+    """The two-input form (X, residual): relu(SN(x) + r) against the reference."""
+    from sn_deploy.runtime.tensorrt import EngineRunner, build_engine
+
+    onnx_path, p = _plugin_onnx(tmp_path, (2, 8, 16, 16), fp16=fp16, relu=True, residual=True)
+    runner = EngineRunner(build_engine(onnx_path, PLUGIN, tmp_path / "m.plan", tf32=False), PLUGIN)
+    dtype = np.float16 if fp16 else np.float32
+    rng = np.random.default_rng(0)
+    x, r = (rng.normal(size=(2, 8, 16, 16)).astype(dtype) for _ in range(2))
+    y = runner.run({"X": x, "R": r})["l.output"]
+    expected = ref(x.astype(np.float64), p, relu=True, residual=r.astype(np.float64))
+    tol = dict(rtol=1e-2, atol=2e-2) if fp16 else dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y.astype(np.float64), expected, **tol)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_NO_TRT is not None, reason=str(_NO_TRT))
+@needs_plugin
 def test_fp16_engine_keeps_fp16_io(tmp_path):
     from sn_deploy.runtime.tensorrt import EngineRunner, build_engine
 

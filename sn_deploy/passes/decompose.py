@@ -159,10 +159,9 @@ def _check(node: gs.Node, rank: Optional[int], x: gs.Variable, scale, beta, rm, 
 
 def _residual(node: gs.Node, x: gs.Variable) -> Optional[gs.Tensor]:
     """The fused residual input, refused when its known shape differs from X's (a broadcast)."""
-    i = onnx_ops.INPUT_RESIDUAL
-    if i >= len(node.inputs) or node.inputs[i].name == "":
+    r = onnx_ops.residual_input(node)
+    if r is None:
         return None
-    r = node.inputs[i]
     known = lambda t: t.shape is not None and all(isinstance(d, int) for d in t.shape)  # noqa: E731
     if known(r) and known(x) and tuple(r.shape) != tuple(x.shape):
         raise InputError(f"SwitchableNorm '{node.name}': residual shape {tuple(r.shape)} differs "

@@ -4,8 +4,9 @@ onnx-tensorrt imports an op it does not know through its fallback plugin importe
 plugin creator up by op type, ``plugin_version`` and ``plugin_namespace``, and turns the
 attributes the creator lists in ``getFieldNames`` into plugin fields (floats → kFLOAT32, ints →
 kINT32, tensors → their type; see onnx-tensorrt's ``loadFields``). So the
-per-channel constants move from inputs into float32 tensor attributes and the node keeps the single
-input X. onnx-tensorrt dispatches on the op type alone (the domain is not looked at), so the nodes
+per-channel constants move from inputs into float32 tensor attributes and the node keeps the input
+X, plus the fused residual as a second input where ``passes/fuse.py`` folded one (field
+``residual=1``). onnx-tensorrt dispatches on the op type alone (the domain is not looked at), so the nodes
 live in the ``trt.plugins`` domain, as NVIDIA ModelOpt writes them, and the model still passes
 ``onnx.checker``, which rejects an unknown op in the default domain (``domain=""`` is available
 for tools that insist on it; the checker is skipped then). A directly following Relu that is the
@@ -57,7 +58,9 @@ def to_plugin(graph: gs.Graph, fuse_relu: bool = True, domain: str = PLUGIN_DOMA
             "relu": int(node.attrs.get(onnx_ops.ATTR_RELU, 0)),
             "rank2": int(len(x.shape) == 2),
         }
-        for name, tensor in zip(_PARAMS, node.inputs[1:]):
+        residual = onnx_ops.residual_input(node)
+        attrs["residual"] = int(residual is not None)
+        for name, tensor in zip(_PARAMS, node.inputs[1:onnx_ops.INPUT_RESIDUAL]):
             if tensor.name == "":
                 continue
             if not isinstance(tensor, gs.Constant):
@@ -71,7 +74,8 @@ def to_plugin(graph: gs.Graph, fuse_relu: bool = True, domain: str = PLUGIN_DOMA
             outputs = list(relu.outputs)
             relu.outputs = []
             relu.inputs = []
-        plugin = gs.Node(PLUGIN_OP, name=node.name, domain=domain, attrs=attrs, inputs=[x],
+        inputs = [x] if residual is None else [x, residual]
+        plugin = gs.Node(PLUGIN_OP, name=node.name, domain=domain, attrs=attrs, inputs=inputs,
                          outputs=[])
         node.inputs, node.outputs = [], []
         plugin.outputs = outputs

@@ -36,6 +36,14 @@ int64_t volumeFrom(Dims const& d, int32_t first) {
   return v;
 }
 
+// Equal ranks and dimensions; with ``dynamicOk`` a -1 (not yet known at build time) matches anything.
+bool sameShape(Dims const& a, Dims const& b, bool dynamicOk) {
+  if (a.nbDims != b.nbDims) return false;
+  for (int32_t i = 0; i < a.nbDims; ++i)
+    if (a.d[i] != b.d[i] && !(dynamicOk && (a.d[i] == -1 || b.d[i] == -1))) return false;
+  return true;
+}
+
 PluginField floats(char const* name, std::vector<float> const& v) {
   return PluginField{name, v.empty() ? nullptr : v.data(), PluginFieldType::kFLOAT32,
                      static_cast<int32_t>(v.size())};
@@ -81,6 +89,7 @@ std::string parseFields(PluginFieldCollection const* fc, SnFields& out) {
     else if (name == "running_var") ok = asFloats(out.running_var);
     else if (name == "relu") ok = asInt(out.relu);
     else if (name == "rank2") ok = asInt(out.rank2);
+    else if (name == "residual") ok = asInt(out.residual);
     if (!ok) return "field '" + name + "' has an unexpected type or length";
   }
   size_t const C = out.scale.size();
@@ -93,6 +102,7 @@ std::string parseFields(PluginFieldCollection const* fc, SnFields& out) {
   if (nw != out.var_weights.size() || nw != ((out.rank2 || !usingBn) ? 2u : 3u))
     return "mean_weights/var_weights must have 3 entries with running stats (2 without, or for rank-2 input)";
   if (out.rank2 && !usingBn) return "rank-2 (SwitchNorm1d) layers need running statistics";
+  if (out.residual != 0 && out.residual != 1) return "residual must be 0 or 1";
   return {};
 }
 
@@ -124,8 +134,15 @@ IPluginV3* SwitchableNormPlugin::clone() noexcept {
 
 int32_t SwitchableNormPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                               DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
-  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  if (nbInputs != expectedInputs() || nbOutputs != 1) {
+    logError("expected " + std::to_string(expectedInputs()) + " input(s) (the residual field)");
+    return -1;
+  }
   Dims const& d = in[0].desc.dims;
+  if (mFields.residual && !sameShape(d, in[1].desc.dims, true)) {
+    logError("the residual input's shape differs from the input's");
+    return -1;
+  }
   if (d.nbDims < 2 || (mFields.rank2 != 0) != (d.nbDims == 2)) {
     logError("input rank does not match the plugin's rank2 field");
     return -1;
@@ -148,7 +165,8 @@ int32_t SwitchableNormPlugin::configurePlugin(DynamicPluginTensorDesc const* in,
 
 int32_t SwitchableNormPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
                                                  DataType const* inputTypes, int32_t nbInputs) const noexcept {
-  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  if (nbInputs != expectedInputs() || nbOutputs != 1) return -1;
+  if (mFields.residual && inputTypes[1] != inputTypes[0]) return -1;
   outputTypes[0] = inputTypes[0];
   return 0;
 }
@@ -156,14 +174,15 @@ int32_t SwitchableNormPlugin::getOutputDataTypes(DataType* outputTypes, int32_t 
 int32_t SwitchableNormPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*,
                                               int32_t, DimsExprs* outputs, int32_t nbOutputs,
                                               IExprBuilder&) noexcept {
-  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  if (nbInputs != expectedInputs() || nbOutputs != 1) return -1;
   outputs[0] = inputs[0];
   return 0;
 }
 
 bool SwitchableNormPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
                                                      int32_t nbInputs, int32_t nbOutputs) noexcept {
-  if (nbInputs != 1 || nbOutputs != 1 || pos < 0 || pos > 1) return false;
+  // positions: X, [residual], Y; the residual and Y follow X's type, all linear (NCHW)
+  if (nbInputs != expectedInputs() || nbOutputs != 1 || pos < 0 || pos > nbInputs) return false;
   PluginTensorDesc const& d = inOut[pos].desc;
   bool const linear = d.format == TensorFormat::kLINEAR;
   if (pos == 0) return linear && (d.type == DataType::kFLOAT || d.type == DataType::kHALF);
@@ -205,7 +224,11 @@ void SwitchableNormPlugin::releaseWeights() noexcept {
 
 int32_t SwitchableNormPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
                                             int32_t nbOutputs) noexcept {
-  if (nbInputs != 1 || nbOutputs != 1) return -1;
+  if (nbInputs != expectedInputs() || nbOutputs != 1) return -1;
+  if (mFields.residual && !sameShape(in[0].dims, in[1].dims, false)) {
+    logError("the residual input's shape differs from the input's");
+    return -1;
+  }
   if (in[0].dims.d[1] != static_cast<int64_t>(mFields.scale.size())) {
     logError("input channels differ from the length of scale");
     return -1;
@@ -244,6 +267,7 @@ int32_t SwitchableNormPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
   p.bias = mDevice + C;
   p.running_mean = usingBn ? mDevice + 2 * C : nullptr;
   p.running_var = usingBn ? mDevice + 3 * C : nullptr;
+  p.residual = mFields.residual ? inputs[1] : nullptr;
   int const dtype = inputDesc[0].type == DataType::kHALF ? 1 : 0;
   int const status = sn_forward_cuda(&p, dtype, inputs[0], outputs[0], workspace, stream);
   if (status != SN_OK) {
@@ -264,6 +288,7 @@ PluginFieldCollection const* SwitchableNormPlugin::getFieldsToSerialize() noexce
   mSerialized.push_back(floats("var_weights", mFields.var_weights));
   mSerialized.push_back(PluginField{"relu", &mFields.relu, PluginFieldType::kINT32, 1});
   mSerialized.push_back(PluginField{"rank2", &mFields.rank2, PluginFieldType::kINT32, 1});
+  mSerialized.push_back(PluginField{"residual", &mFields.residual, PluginFieldType::kINT32, 1});
   mSerialized.push_back(floats("scale", mFields.scale));
   mSerialized.push_back(floats("bias", mFields.bias));
   if (!mFields.running_mean.empty()) {
@@ -283,6 +308,7 @@ SwitchableNormPluginCreator::SwitchableNormPluginCreator() {
       PluginField{"var_weights", nullptr, PluginFieldType::kFLOAT32, 0},
       PluginField{"relu", nullptr, PluginFieldType::kINT32, 1},
       PluginField{"rank2", nullptr, PluginFieldType::kINT32, 1},
+      PluginField{"residual", nullptr, PluginFieldType::kINT32, 1},
       PluginField{"scale", nullptr, PluginFieldType::kFLOAT32, 0},
       PluginField{"bias", nullptr, PluginFieldType::kFLOAT32, 0},
       PluginField{"running_mean", nullptr, PluginFieldType::kFLOAT32, 0},

@@ -19,6 +19,7 @@ struct SnFields {
   std::vector<float> mean_weights, var_weights;  // softmaxed, 2 or 3 entries
   int32_t relu = 0;
   int32_t rank2 = 0;
+  int32_t residual = 0;  // 1: a second input, X's shape and type, added before the ReLU
   std::vector<float> scale, bias, running_mean, running_var;  // (C,); running stats optional
 };
 
@@ -67,6 +68,7 @@ class SwitchableNormPlugin : public nvinfer1::IPluginV3,
   nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
  private:
+  int32_t expectedInputs() const noexcept { return mFields.residual ? 2 : 1; }
   bool uploadWeights() noexcept;  // device copies of the per-channel vectors, made once
   void releaseWeights() noexcept;
 

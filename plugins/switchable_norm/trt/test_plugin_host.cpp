@@ -1,6 +1,7 @@
 // Host-side checks of SwitchableNorm_TRT that need neither a GPU nor libnvinfer: the creator's
 // field list, plugin creation from fields, rejection of bad fields, build-time queries, and the
-// serialization round trip (getFieldsToSerialize -> createPlugin -> same fields).
+// serialization round trip (getFieldsToSerialize -> createPlugin -> same fields), and the
+// fused-residual variant (second input) through the same queries.
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -20,6 +21,18 @@ static int failures = 0;
     }                                                                  \
   } while (0)
 
+static int32_t fieldInt(PluginFieldCollection const* fc, char const* name) {
+  for (int i = 0; i < fc->nbFields; ++i)
+    if (std::strcmp(fc->fields[i].name, name) == 0) return *static_cast<int32_t const*>(fc->fields[i].data);
+  return -1;
+}
+
+static void setDims(DynamicPluginTensorDesc& d, std::vector<int64_t> const& dims) {
+  d.desc.format = TensorFormat::kLINEAR;
+  d.desc.dims.nbDims = d.max.nbDims = static_cast<int32_t>(dims.size());
+  for (size_t i = 0; i < dims.size(); ++i) d.desc.dims.d[i] = d.max.d[i] = dims[i];
+}
+
 static std::vector<float> fieldFloats(PluginFieldCollection const* fc, char const* name) {
   for (int i = 0; i < fc->nbFields; ++i)
     if (std::strcmp(fc->fields[i].name, name) == 0) {
@@ -37,7 +50,7 @@ int main() {
   CHECK(std::strcmp(creator->getPluginName(), "SwitchableNorm_TRT") == 0);
   CHECK(std::strcmp(creator->getPluginVersion(), "1") == 0);
   CHECK(std::strcmp(creator->getPluginNamespace(), "") == 0);
-  CHECK(creator->getFieldNames()->nbFields == 9);
+  CHECK(creator->getFieldNames()->nbFields == 10);
 
   float eps = 1e-3f;
   std::vector<float> mw{0.2f, 0.3f, 0.5f}, vw{0.1f, 0.6f, 0.3f};
@@ -120,6 +133,73 @@ int main() {
     CHECK(fieldFloats(ser2, "epsilon") == std::vector<float>{eps});
     delete again;
   }
+  CHECK(fieldInt(ser, "residual") == 0);
+
+  // fused residual: fields with residual = 1 make a two-input plugin (X, residual) -> Y
+  int32_t residual = 1;
+  f.push_back({"residual", &residual, PluginFieldType::kINT32, 1});
+  PluginFieldCollection rfc{static_cast<int32_t>(f.size()), f.data()};
+  IPluginV3* rplugin = creator->createPlugin("layer1.0.sn3", &rfc, TensorRTPhase::kBUILD);
+  CHECK(rplugin != nullptr);
+  if (rplugin) {
+    auto* rb = static_cast<IPluginV3OneBuild*>(rplugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* rr = static_cast<IPluginV3OneRuntime*>(rplugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    DataType ins[2] = {DataType::kHALF, DataType::kHALF};
+    DataType rout = DataType::kFLOAT;
+    CHECK(rb->getOutputDataTypes(&rout, 1, ins, 2) == 0 && rout == DataType::kHALF);
+    CHECK(rb->getOutputDataTypes(&rout, 1, ins, 1) != 0);  // the residual input is missing
+    ins[1] = DataType::kFLOAT;
+    CHECK(rb->getOutputDataTypes(&rout, 1, ins, 2) != 0);  // residual type differs from X's
+
+    DynamicPluginTensorDesc rio[3]{};
+    for (auto& d : rio) setDims(d, {8, 3, 56, 56}), d.desc.type = DataType::kFLOAT;
+    CHECK(rb->supportsFormatCombination(0, rio, 2, 1));
+    CHECK(rb->supportsFormatCombination(1, rio, 2, 1));
+    CHECK(rb->supportsFormatCombination(2, rio, 2, 1));
+    CHECK(!rb->supportsFormatCombination(3, rio, 2, 1));
+    CHECK(!rb->supportsFormatCombination(1, rio, 1, 1));  // single-input call on a residual plugin
+    rio[1].desc.type = DataType::kHALF;
+    CHECK(!rb->supportsFormatCombination(1, rio, 2, 1));  // residual must follow X's type
+    rio[1].desc.type = DataType::kFLOAT;
+    rio[1].desc.format = TensorFormat::kCHW32;
+    CHECK(!rb->supportsFormatCombination(1, rio, 2, 1));
+    rio[1].desc.format = TensorFormat::kLINEAR;
+
+    CHECK(rb->configurePlugin(rio, 2, rio + 2, 1) == 0);
+    CHECK(rb->configurePlugin(rio, 1, rio + 1, 1) != 0);  // input count must match the field
+    CHECK(rb->getWorkspaceSize(rio, 2, rio + 2, 1) == build->getWorkspaceSize(io, 1, io + 1, 1));
+    rio[0].desc.dims.d[0] = rio[1].desc.dims.d[0] = -1;  // dynamic batch: still consistent
+    CHECK(rb->configurePlugin(rio, 2, rio + 2, 1) == 0);
+    rio[1].desc.dims.d[3] = 28;
+    CHECK(rb->configurePlugin(rio, 2, rio + 2, 1) != 0);  // a broadcast, not a residual: refused
+    rio[1].desc.dims.d[3] = 56;
+    rio[1].desc.dims.nbDims = 3;
+    CHECK(rb->configurePlugin(rio, 2, rio + 2, 1) != 0);  // rank differs
+    rio[1].desc.dims.nbDims = 4;
+
+    // runtime shape checks before any GPU work: a wrong residual shape fails onShapeChange
+    PluginTensorDesc rt[3]{};
+    for (int i = 0; i < 3; ++i) rt[i] = rio[i].desc, rt[i].dims.d[0] = 8;
+    rt[1].dims.d[2] = 55;
+    CHECK(rr->onShapeChange(rt, 2, rt + 2, 1) != 0);
+    CHECK(rr->onShapeChange(rt, 1, rt + 1, 1) != 0);
+
+    // the field survives serialization; an engine without it deserializes as residual = 0
+    PluginFieldCollection const* rser = rr->getFieldsToSerialize();
+    CHECK(fieldInt(rser, "residual") == 1);
+    IPluginV3* ragain = creator->createPlugin("layer1.0.sn3", rser, TensorRTPhase::kRUNTIME);
+    CHECK(ragain != nullptr);
+    if (ragain) {
+      auto* rr2 = static_cast<IPluginV3OneRuntime*>(ragain->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      CHECK(fieldInt(rr2->getFieldsToSerialize(), "residual") == 1);
+      delete ragain;
+    }
+    delete rplugin;
+  }
+  residual = 2;
+  CHECK(creator->createPlugin("bad", &rfc, TensorRTPhase::kBUILD) == nullptr);
+  f.pop_back();
+
   IPluginV3* copy = plugin->clone();
   CHECK(copy != nullptr);
   delete copy;
