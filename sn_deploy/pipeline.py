@@ -77,6 +77,7 @@ def run_export(
     calibration: Optional[CalibrationOptions] = None,
     trust_pickle: bool = False,
     fuse: bool = True,
+    fuse_residual: bool = True,
     triton_repo: Optional[str] = None,
     model_name: str = "model",
     validate_inputs: str = "random",
@@ -91,7 +92,7 @@ def run_export(
     from sn_deploy.export import export_sn_onnx, save_model_atomic
     from sn_deploy.nn import switch_norm_layers
     from sn_deploy.passes.decompose import decompose_model
-    from sn_deploy.passes.fuse import fuse_relu_model
+    from sn_deploy.passes.fuse import fuse_model
     from sn_deploy.report import write_reports
 
     if target not in ("onnxruntime", "tensorrt"):
@@ -116,7 +117,7 @@ def run_export(
         sn_onnx = export_sn_onnx(model, input_shape, dynamic_batch=dynamic_batch,
                                  dynamic_spatial=dynamic_spatial, opset=opset)
         if fuse:
-            sn_onnx = fuse_relu_model(sn_onnx)
+            sn_onnx = fuse_model(sn_onnx, residual=fuse_residual)
         written.append(save_model_atomic(sn_onnx, out / "model.sn.onnx"))
         decomposed = decompose_model(sn_onnx)
         written.append(save_model_atomic(decomposed, out / "model.onnx"))

@@ -94,7 +94,9 @@ class Runner(Protocol):
 
     Optional attributes that :func:`validate` uses when present: ``output_names`` (the model's
     outputs, in order), ``layer_outputs`` (``<layer>.output`` tensors it also returns, for the
-    per-layer check) and ``fused_relu`` (layers whose output already has the ReLU applied).
+    per-layer check), ``fused_relu`` (layers whose output already has the ReLU applied) and
+    ``fused_residual`` (``{layer: tensor}``: layers whose output already has that tensor added,
+    before the ReLU; the runner also returns the tensor).
     """
 
     name: str
@@ -142,8 +144,10 @@ class TorchRunner:
         return result
 
 
-def _with_layer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy whose SN outputs (``<layer>.output``) are extra graph outputs, in graph order.
+def _with_layer_outputs(model: onnx.ModelProto, extra: Sequence[str] = ()
+                        ) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy whose SN outputs (``<layer>.output``) are extra graph outputs, in graph order; the
+    tensors named in ``extra`` (fused residuals) become outputs too. Returns the SN outputs.
 
     Types and shapes come from ONNX shape inference where it knows them (it does for the
     registered SwitchableNorm schema); otherwise the output is left untyped, which ONNX
@@ -152,15 +156,17 @@ def _with_layer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     model = onnx.ModelProto.FromString(model.SerializeToString())
     produced = [o for n in model.graph.node for o in n.output]
     wanted = [t for t in produced if t.endswith(LAYER_SUFFIX)]
+    others = set(produced) - set(wanted)
+    added = wanted + [t for t in dict.fromkeys(extra) if t in others]
     existing = {o.name for o in model.graph.output}
     known = {vi.name: vi for vi in model.graph.value_info}
-    if any(t not in known for t in wanted):
+    if any(t not in known for t in added):
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
             known.update({vi.name: vi for vi in inferred.graph.value_info})
         except Exception:  # an op without a schema: untyped outputs still run
             pass
-    for t in wanted:
+    for t in added:
         if t in existing:
             continue
         vi = known.get(t)
@@ -180,19 +186,21 @@ class OnnxRuntimeRunner:
 
     def __init__(self, model: ModelLike, name: str, per_layer: bool,
                  threads: Optional[int] = None):
-        from sn_deploy.passes.fuse import fused_relu_layers
+        from sn_deploy.passes.fuse import fused_relu_layers, fused_residual_layers
         from sn_deploy.runtime.onnxruntime import create_session, load_model
 
         proto = load_model(model)
         self.fused_relu = fused_relu_layers(proto)
+        self.fused_residual = fused_residual_layers(proto)
         self.layer_outputs: list[str] = []
+        declared = {o.name for o in proto.graph.output}
         if per_layer:
-            proto, self.layer_outputs = _with_layer_outputs(proto)
+            proto, self.layer_outputs = _with_layer_outputs(proto, self.fused_residual.values())
+        hidden = set(self.layer_outputs) | (set(self.fused_residual.values()) - declared)
         self.name = name
         self.session = create_session(proto, threads=threads)
         self.inputs = self.session.get_inputs()
-        self.output_names = [o.name for o in self.session.get_outputs()
-                             if o.name not in self.layer_outputs]
+        self.output_names = [o.name for o in self.session.get_outputs() if o.name not in hidden]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {i.name: np.asarray(v, _ORT_DTYPES.get(i.type, None))
@@ -355,12 +363,17 @@ def validate(
                                                math.nan, 0, 0, reason="output missing"))
         if per_layer and hasattr(runner, "layer_outputs"):
             fused = getattr(runner, "fused_relu", set())
+            residuals = getattr(runner, "fused_residual", {})
             for t in executed:
                 layer = t[: -len(LAYER_SUFFIX)]
-                if t not in got:
+                # a fused residual is this form's own tensor: the check isolates the layer itself
+                residual = (got.get(residuals[layer], feeds.get(residuals[layer]))
+                            if layer in residuals else None)
+                if t not in got or (layer in residuals and residual is None):
                     form.missing_layers.append(layer)
                     continue
-                expected = np.maximum(ref[t], 0) if layer in fused else ref[t]
+                expected = ref[t] if residual is None else ref[t].astype(np.float64) + residual
+                expected = np.maximum(expected, 0) if layer in fused else expected
                 form.layers.append(compare(expected, got[t], atol, rtol, name=layer))
             form.first_divergent_layer = next((c.name for c in form.layers if not c.passed), None)
         report.forms.append(form)

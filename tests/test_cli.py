@@ -80,6 +80,33 @@ def test_export_happy_path_and_validate(workdir, capsys, monkeypatch):
     assert code == 0 and (workdir / "dec.onnx").is_file()
 
 
+@pytest.mark.parametrize("flags,fused", [([], 8), (["--no-fuse-residual"], 0)],
+                         ids=["default", "no-fuse-residual"])
+def test_export_resnet_residual_fusion_flag(tmp_path, capsys, monkeypatch, flags, fused):
+    """ResNet blocks: residual Adds folded by default (and validated per layer), kept on request;
+    the per-layer check of sn-validate passes on the fused files too."""
+    import onnx
+
+    from sn_deploy.passes.fuse import fused_residual_layers
+
+    model = randomize_sn(build_model("resnetv1sn18", num_classes=10))
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(cli_export.main, [
+        tmp_path / "r18.pth", "--arch", "resnetv1sn18", "--input-shape", "1x3x64x64",
+        "--output-dir", out, *flags], capsys, monkeypatch)
+    assert code == 0, err
+    assert "PASSED" in stdout and "first divergent layer: none" in stdout
+    sn = onnx.load(out / "model.sn.onnx")
+    assert len(fused_residual_layers(sn)) == fused
+    assert [n.op_type for n in sn.graph.node].count("Add") == 8 - fused
+    assert fused_residual_layers(onnx.load(out / "model.onnx")) == fused_residual_layers(sn)
+    code, stdout, err = run_cli(cli_validate.main, [
+        tmp_path / "r18.pth", "--arch", "resnetv1sn18", "--onnx", out / "model.sn.onnx",
+        "--onnx", out / "model.onnx", "--per-layer", "--seed", "3"], capsys, monkeypatch)
+    assert code == 0 and "first divergent layer: none" in stdout, stdout + err
+
+
 def test_validate_exit_1_on_parity_failure(workdir, capsys, monkeypatch):
     import onnx
 

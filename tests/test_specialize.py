@@ -8,7 +8,7 @@ import torch
 from sn_deploy.export import export_sn_onnx
 from sn_deploy.models import build_model
 from sn_deploy.passes.decompose import decompose_model
-from sn_deploy.passes.fuse import fuse_relu_model
+from sn_deploy.passes.fuse import fuse_model, fuse_relu_model, fused_residual_layers
 from sn_deploy.passes.specialize import measure_specialization, specialize_model
 from sn_deploy.runtime.onnxruntime import create_session
 from tests.conftest import randomize_sn
@@ -46,6 +46,35 @@ def test_one_hot_layers_become_exact_standard_ops():
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     err = measure_specialization(sn, spec, done, x)
     assert err < 1e-4
+    assert all(s.max_abs_error < 1e-4 for s in done if s.max_abs_error is not None)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    for form in (spec, decompose_model(spec)):
+        np.testing.assert_allclose(create_session(form).run(None, {"input": x})[0], ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_fused_residual_blocks_specialize_with_their_add_and_relu():
+    """A one-hot layer carrying a fused residual (and ReLU): the replacement is followed by the
+    residual Add and the ReLU again; the kept layers keep their residual input."""
+    assign = {"layer1.0.sn2": "bn", "layer1.1.sn2": "in", "layer2.0.sn2": "ln"}
+    model = _model(assign)
+    sn = fuse_model(export_sn_onnx(model, (2, 3, 64, 64)))
+    residuals = fused_residual_layers(sn)
+    assert set(assign) <= set(residuals)
+    spec, done = specialize_model(sn)
+    kinds = {s.layer: s.replaced_by for s in done}
+    assert kinds == {"layer1.0.sn2": "conv-fold", "layer1.1.sn2": "InstanceNormalization",
+                     "layer2.0.sn2": "kept: no exact standard form for pure LN"}
+    producers = {o: n for n in spec.graph.node for o in n.output}
+    for layer in ("layer1.0.sn2", "layer1.1.sn2"):
+        relu = producers[f"{layer}.output"]
+        add = producers[relu.input[0]]
+        assert (relu.op_type, add.op_type) == ("Relu", "Add") and residuals[layer] in add.input
+    kept = next(n for n in spec.graph.node if n.name == "layer2.0.sn2")
+    assert kept.op_type == "SwitchableNorm" and kept.input[5] == residuals["layer2.0.sn2"]
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    assert measure_specialization(sn, spec, done, x) < 1e-4
     assert all(s.max_abs_error < 1e-4 for s in done if s.max_abs_error is not None)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()

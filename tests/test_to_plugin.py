@@ -147,3 +147,14 @@ def test_fused_residual_becomes_the_second_input(using_bn):
     (plain,) = to_plugin_model(sn_model((2, 5, 7, 7))[0]).graph.node
     assert _attrs(plain)["residual"] == 0 and list(plain.input) == ["X"]
 
+
+def test_fused_resnet_maps_residual_blocks():
+    from sn_deploy.passes.fuse import fuse_model
+
+    model = randomize_sn(build_model("resnetv1sn18", num_classes=10))
+    out = to_plugin_model(fuse_model(export_sn_onnx(model, (1, 3, 64, 64))))
+    plugins = [n for n in out.graph.node if n.op_type == PLUGIN_OP]
+    assert len(plugins) == 20 and not {"Add", "Relu"} & {n.op_type for n in out.graph.node}
+    two = {n.name: list(n.input)[1] for n in plugins if len(n.input) == 2}
+    assert len(two) == 8 and two["layer2.0.sn2"] == "layer2.0.downsample.1.output"
+    assert all(_attrs(n)["residual"] == int(n.name in two) for n in plugins)

@@ -213,16 +213,19 @@ def test_degenerate_planes_fail_build_or_enqueue(tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(_NO_TRT is not None, reason=str(_NO_TRT))
 @needs_plugin
-def test_resnet_engine_parity(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-residual"])
+def test_resnet_engine_parity(tmp_path, fused):
     import torch
 
     from sn_deploy.export import export_sn_onnx
     from sn_deploy.models import build_model
+    from sn_deploy.passes.fuse import fuse_model
     from sn_deploy.runtime.tensorrt import EngineRunner, build_engine
     from tests.conftest import randomize_sn
 
     model = randomize_sn(build_model("resnetv1sn18", num_classes=10))
-    onnx_path = save_model_atomic(to_plugin_model(export_sn_onnx(model, (2, 3, 64, 64))),
+    sn = export_sn_onnx(model, (2, 3, 64, 64))
+    onnx_path = save_model_atomic(to_plugin_model(fuse_model(sn) if fused else sn),
                                   tmp_path / "m.trt.onnx")
     plan = build_engine(onnx_path, PLUGIN, tmp_path / "m.plan", tf32=False)
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)

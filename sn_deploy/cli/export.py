@@ -29,7 +29,9 @@ def export(
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="allow a pickled nn.Module (runs code from the file)"),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
-                              help="fold SN→ReLU into the SN node (default on)"),
+                              help="fold SN→ReLU and SN→Add(residual)[→ReLU] into the SN node"),
+    fuse_residual: bool = typer.Option(True, "--fuse-residual/--no-fuse-residual",
+                                       help="with --fuse: also fold residual Adds (default on)"),
     triton_repo: Optional[Path] = typer.Option(None, "--triton-repo",
                                                help="also write a Triton model repository here"),
     model_name: str = typer.Option("model", "--model-name", help="name in the Triton repository"),
@@ -48,8 +50,9 @@ def export(
     result = run_export(
         str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
         dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
-        trust_pickle=trust_pickle, fuse=fuse, atol=atol, rtol=rtol, log=typer.echo,
-        triton_repo=str(triton_repo) if triton_repo else None, model_name=model_name,
+        trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual, atol=atol, rtol=rtol,
+        log=typer.echo, triton_repo=str(triton_repo) if triton_repo else None,
+        model_name=model_name,
     )
     typer.echo(render_table(result.validation))
     typer.echo(f"report: {result.files['report.json']} and {result.files['report.html']}")

@@ -14,6 +14,9 @@ the other branches are then dropped, which is exact only at threshold 0.
 * pure LN → kept as SwitchableNorm: ONNX LayerNormalization normalizes by the biased variance
   over all C·L values, SN's LN branch by ``mean_c(unbiased var_in) + spread of the means``, which
   is not a rescaling of it, so no standard op is exact.
+
+What the node had folded in (``passes/fuse.py``) is put back after the replacement: the residual as
+an Add, then the ReLU, so a fused ResNet block specializes like an unfused one.
 """
 from __future__ import annotations
 
@@ -63,13 +66,25 @@ def _fold_into_conv(graph: gs.Graph, node: gs.Node, a: np.ndarray, b: np.ndarray
     conv.inputs[1] = gs.Constant(f"{node.name}.folded_weight", (w * a.reshape(shape)).astype(np.float32))
     new_bias = gs.Constant(f"{node.name}.folded_bias", (bias * a + b).astype(np.float32))
     conv.inputs = conv.inputs[:2] + [new_bias]
-    conv.outputs = _relu_after(graph, node, node.outputs[0])
+    conv.outputs = _tail(graph, node, node.outputs[0])
     node.outputs = []
     return True
 
 
-def _relu_after(graph: gs.Graph, node: gs.Node, out: gs.Variable) -> list[gs.Variable]:
-    """Where the replacement writes: ``out`` directly, or via a Relu when the node had relu=1."""
+def _tail(graph: gs.Graph, node: gs.Node, out: gs.Variable) -> list[gs.Variable]:
+    """Where the replacement writes: ``out`` directly, or through the node's fused residual (an
+    Add) and fused ReLU, which are re-created as standard ops in that order."""
+    residual = onnx_ops.residual_input(node)
+    if residual is not None:
+        mid = gs.Variable(f"{node.name}.pre_residual", dtype=out.dtype)
+        after = _tail_relu(graph, node, out)
+        graph.nodes.append(gs.Node("Add", name=f"{node.name}/residual",
+                                   inputs=[mid, residual], outputs=after))
+        return [mid]
+    return _tail_relu(graph, node, out)
+
+
+def _tail_relu(graph: gs.Graph, node: gs.Node, out: gs.Variable) -> list[gs.Variable]:
     if not node.attrs.get(onnx_ops.ATTR_RELU, 0):
         return [out]
     mid = gs.Variable(f"{node.name}.pre_relu", dtype=out.dtype)
@@ -101,7 +116,7 @@ def specialize(graph: gs.Graph, threshold: float = 0.0) -> tuple[gs.Graph, list[
             consts = [gs.Constant(f"{node.name}.{k}", v.astype(np.float32))
                       for k, v in (("scale", scale), ("bias", beta), ("running_mean", rm), ("running_var", rv))]
             graph.nodes.append(gs.Node("BatchNormalization", name=node.name, attrs={"epsilon": eps},
-                                       inputs=[x, *consts], outputs=_relu_after(graph, node, out)))
+                                       inputs=[x, *consts], outputs=_tail(graph, node, out)))
             done.append(Specialization(node.name, weights, "BatchNormalization"))
         elif branch == "in":
             dims = list(x.shape[2:])
@@ -113,7 +128,7 @@ def specialize(graph: gs.Graph, threshold: float = 0.0) -> tuple[gs.Graph, list[
                       gs.Constant(f"{node.name}.bias", beta.astype(np.float32))]
             graph.nodes.append(gs.Node("InstanceNormalization", name=node.name,
                                        attrs={"epsilon": eps * (L - 1) / L},
-                                       inputs=[x, *consts], outputs=_relu_after(graph, node, out)))
+                                       inputs=[x, *consts], outputs=_tail(graph, node, out)))
             done.append(Specialization(node.name, weights, "InstanceNormalization"))
         else:
             done.append(Specialization(node.name, weights, "kept: no exact standard form for pure LN"))
