@@ -3,8 +3,10 @@
 
 All figures are ratios measured side by side in one process: the sessions run alternately, each
 repeat times every variant once, and the medians are compared.  Thread spinning is off so one
-session's idle workers do not steal time from the next.  Also one SN layer against a copy of its
-input into a preallocated buffer (the memory-traffic floor).
+session's idle workers do not steal time from the next.  The sn_deploy forms are timed as
+``sn-export`` writes them (SN→ReLU and residual Add→ReLU folded into the SN nodes) and, in the
+``*_relu_only`` columns, with the residual Adds left as graph ops.  Also one SN layer against a
+copy of its input into a preallocated buffer (the memory-traffic floor).
 
     python scripts/bench_cpu.py [--repeats 30] [--threads 2] [--json]
 """
@@ -27,7 +29,7 @@ from sn_deploy.export import _quiet_exporter, export_sn_onnx  # noqa: E402
 from sn_deploy.models import build_model  # noqa: E402
 from sn_deploy.nn import SwitchNorm2d, switch_norm_layers  # noqa: E402
 from sn_deploy.passes.decompose import decompose_model  # noqa: E402
-from sn_deploy.passes.fuse import fuse_relu_model  # noqa: E402
+from sn_deploy.passes.fuse import fuse_model, fused_residual_layers  # noqa: E402
 from sn_deploy.runtime.onnxruntime import create_session, native_op_library  # noqa: E402
 
 
@@ -107,18 +109,23 @@ def bench_resnet50(repeats: int, threads: int) -> list[dict]:
     for batch in (1, 8):
         shape = (batch, 3, 224, 224)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        sn_onnx = fuse_relu_model(export_sn_onnx(sn_model, shape))  # as sn-export writes it
+        exported = export_sn_onnx(sn_model, shape)
+        sn_onnx = fuse_model(exported)  # as sn-export writes it
+        relu_only = fuse_model(exported, residual=False)
         forms = {
             "bn_folded": _plain_export(bn_model, shape),
             "sn_naive_export": _plain_export(sn_model, shape),
             "sn_deploy": decompose_model(sn_onnx),
+            "sn_deploy_relu_only": decompose_model(relu_only),
         }
         if native_op_library() is not None:
             forms["sn_deploy_native_op"] = sn_onnx
+            forms["sn_deploy_native_op_relu_only"] = relu_only
         runners = {k: _session_runner(m, x, threads) for k, m in forms.items()}
         med = _time_alternating(runners, repeats)
         results.append({
             "batch": batch,
+            "residual_fused_layers": len(fused_residual_layers(sn_onnx)),
             "latency_ms": {k: v * 1e3 for k, v in med.items()},
             "ratio_vs_bn": {k: med[k] / med["bn_folded"] for k in med},
         })
@@ -191,7 +198,7 @@ def main() -> None:
     for r in report["resnet50"]:
         parts = ", ".join(f"{k} {v:.2f} ms ({r['ratio_vs_bn'][k]:.2f}x)"
                           for k, v in r["latency_ms"].items())
-        print(f"  batch {r['batch']}: {parts}")
+        print(f"  batch {r['batch']} ({r['residual_fused_layers']} residual Adds fused): {parts}")
     print("\nOne SN layer vs np.copyto into a preallocated buffer")
     for r in report["single_layer"]:
         parts = ", ".join(f"{k} {v:.3f} ms ({r['ratio_vs_copy'][k]:.2f}x)"
