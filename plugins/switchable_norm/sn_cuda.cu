@@ -1,12 +1,13 @@
 // CUDA back end of the Switchable Normalization kernels (shared with the TensorRT plugin).
 //
 //  1. moments: each (plane, split) block runs Welford over its slice of the plane (deviations from
-//     the plane's first value, float32 also for fp16 input), merges lanes with warp shuffles and
+//     the plane's first value, float32 also for fp16 input; a vector load's 4 or 8 values join as
+//     one exact chunk, one division per chunk), merges lanes with warp shuffles and
 //     warps through shared memory (Chan), in a fixed order: no atomics, bitwise reproducible.
 //  2. combine: one block per sample merges the splits in double, forms IN/LN/BN statistics and the
 //     per-(n, c) affine terms (sn_math.h).
-//  3. apply: y = (x - s) * A + B (+ fused residual, + ReLU), vectorized (float4 / half2) when the
-//     plane and all three pointers allow.
+//  3. apply: y = (x - s) * A + B (+ fused residual, + ReLU), vectorized (float4 / 8 halves /
+//     half2) when the plane and all three pointers allow.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const T* __restrict__
   const int split = blockIdx.x % lo.splits;
   const T* xr = x + run * lo.len;
   const float shift = to_float(xr[0]);
-  const int64_t chunk = ((lo.len + lo.splits - 1) / lo.splits + 3) & ~int64_t(3);
+  const int64_t chunk = ((lo.len + lo.splits - 1) / lo.splits + 7) & ~int64_t(7);  // 8-aligned splits
   const int64_t begin = split * chunk;
   const int64_t end = begin + chunk < lo.len ? begin + chunk : lo.len;
   sn::Moments m = sn::moments_empty();
@@ -113,23 +114,36 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const T* __restrict__
       const int64_t n4 = (end > begin ? end - begin : 0) >> 2;
       for (int64_t i = threadIdx.x; i < n4; i += kThreads) {
         const float4 q = v[i];
-        sn::welford_add(m, q.x - shift);
-        sn::welford_add(m, q.y - shift);
-        sn::welford_add(m, q.z - shift);
-        sn::welford_add(m, q.w - shift);
+        const float d[4] = {q.x - shift, q.y - shift, q.z - shift, q.w - shift};
+        sn::welford_add_chunk(m, d);
       }
     } else {
       for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
         sn::welford_add(m, to_float(xr[i]) - shift);
     }
   } else {
-    if ((lo.len & 1) == 0 && (reinterpret_cast<uintptr_t>(x) & 3) == 0) {  // half2 path
+    if ((lo.len & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {  // 8 halves per load
+      const uint4* v = reinterpret_cast<const uint4*>(xr + begin);
+      const int64_t n8 = (end > begin ? end - begin : 0) >> 3;
+      for (int64_t i = threadIdx.x; i < n8; i += kThreads) {
+        const uint4 q = v[i];
+        const __half2* h = reinterpret_cast<const __half2*>(&q);
+        float d[8];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = __half22float2(h[k]);
+          d[2 * k] = f.x - shift;
+          d[2 * k + 1] = f.y - shift;
+        }
+        sn::welford_add_chunk(m, d);
+      }
+    } else if ((lo.len & 1) == 0 && (reinterpret_cast<uintptr_t>(x) & 3) == 0) {  // half2 path
       const __half2* v = reinterpret_cast<const __half2*>(xr + begin);
       const int64_t n2 = (end > begin ? end - begin : 0) >> 1;
       for (int64_t i = threadIdx.x; i < n2; i += kThreads) {
         const float2 q = __half22float2(v[i]);
-        sn::welford_add(m, q.x - shift);
-        sn::welford_add(m, q.y - shift);
+        const float d[2] = {q.x - shift, q.y - shift};
+        sn::welford_add_chunk(m, d);
       }
     } else {
       for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
@@ -213,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) apply_planes_kernel(const T* __restr
   const int64_t run = blockIdx.x / lo.splits;
   const int split = blockIdx.x % lo.splits;
   const sn::Affine t = terms[run];
-  const int64_t chunk = ((lo.len + lo.splits - 1) / lo.splits + 3) & ~int64_t(3);
+  const int64_t chunk = ((lo.len + lo.splits - 1) / lo.splits + 7) & ~int64_t(7);  // 8-aligned splits
   const int64_t begin = split * chunk;
   const int64_t end = begin + chunk < lo.len ? begin + chunk : lo.len;
   const T* xr = x + run * lo.len;
@@ -246,6 +260,33 @@ __global__ void __launch_bounds__(kThreads) apply_planes_kernel(const T* __restr
       return;
     }
   } else {
+    if ((lo.len & 7) == 0 && (addresses & 15) == 0) {  // 8 halves per 16-byte load and store
+      const uint4* v = reinterpret_cast<const uint4*>(xr + begin);
+      const uint4* rv = rr != nullptr ? reinterpret_cast<const uint4*>(rr + begin) : nullptr;
+      uint4* o = reinterpret_cast<uint4*>(yr + begin);
+      const int64_t n8 = (end > begin ? end - begin : 0) >> 3;
+      for (int64_t i = threadIdx.x; i < n8; i += kThreads) {
+        uint4 q = v[i];
+        __half2* h = reinterpret_cast<__half2*>(&q);
+        if (rr != nullptr) {
+          uint4 rq = rv[i];
+          const __half2* r = reinterpret_cast<const __half2*>(&rq);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 f = __half22float2(h[k]), g = __half22float2(r[k]);
+            h[k] = __floats2half2_rn(sn::apply(f.x, g.x, t, relu), sn::apply(f.y, g.y, t, relu));
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 f = __half22float2(h[k]);
+            h[k] = __floats2half2_rn(sn::apply(f.x, t, relu), sn::apply(f.y, t, relu));
+          }
+        }
+        o[i] = q;
+      }
+      return;
+    }
     if ((lo.len & 1) == 0 && (addresses & 3) == 0) {
       const __half2* v = reinterpret_cast<const __half2*>(xr + begin);
       const __half2* rv = rr != nullptr ? reinterpret_cast<const __half2*>(rr + begin) : nullptr;
