@@ -27,50 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sn_deploy.export import _quiet_exporter, export_sn_onnx  # noqa: E402
 from sn_deploy.models import build_model  # noqa: E402
-from sn_deploy.nn import SwitchNorm2d, switch_norm_layers  # noqa: E402
+from sn_deploy.nn import SwitchNorm2d  # noqa: E402
 from sn_deploy.passes.decompose import decompose_model  # noqa: E402
 from sn_deploy.passes.fuse import fuse_model, fused_residual_layers  # noqa: E402
 from sn_deploy.runtime.onnxruntime import create_session, native_op_library  # noqa: E402
 
-
-def _randomize(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, m in switch_norm_layers(model):
-            m.mean_weight.copy_(torch.randn(3, generator=g))
-            m.var_weight.copy_(torch.randn(3, generator=g))
-            m.weight.fill_(1.0)
-            m.running_mean.normal_(0, 0.1, generator=g)
-            m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model.eval()
-
-
-def _bn_twin(sn_model: torch.nn.Module) -> torch.nn.Module:
-    """The same ResNet with BatchNorm2d in place of every SN layer, BN folded into the convs."""
-    import copy
-
-    model = copy.deepcopy(sn_model)
-    for name, m in list(model.named_modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, SwitchNorm2d):
-                bn = torch.nn.BatchNorm2d(child.num_features)
-                bn.running_var.uniform_(0.5, 1.5)
-                setattr(m, child_name, bn)
-    model.eval()
-    return _fold_bn(model)
-
-
-def _fold_bn(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for m in model.modules():
-        names = list(m._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = m._modules[a], m._modules[b]
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                m._modules[a] = fuse_conv_bn_eval(conv, bn)
-                m._modules[b] = torch.nn.Identity()
-    return model
+from bench_models import bn_twin as _bn_twin, randomize as _randomize  # noqa: E402
 
 
 def _plain_export(model: torch.nn.Module, shape) -> onnx.ModelProto:

@@ -191,3 +191,65 @@ def switchable_norm_cpu(
     check(fn(ctypes.byref(params), x.ctypes.data, y.ctypes.data, int(num_threads)), lib)
     del keep, residual
     return y
+
+
+def cuda_library() -> ctypes.CDLL:
+    """libsn_cuda.so (never built on first use: it needs nvcc; ``make plugins``)."""
+    lib = _load("sn_cuda", False)
+    lib.sn_cuda_workspace_size.restype = ctypes.c_size_t
+    lib.sn_cuda_workspace_size.argtypes = [ctypes.c_int64] * 3
+    lib.sn_forward_cuda.restype = ctypes.c_int
+    lib.sn_forward_cuda.argtypes = [ctypes.POINTER(SnParams), ctypes.c_int] + [ctypes.c_void_p] * 4
+    return lib
+
+
+class CudaSwitchableNorm:
+    """One SN layer on the CUDA kernel, for torch CUDA tensors of one shape and dtype.
+
+    The per-channel parameters and the workspace are uploaded once, so a call is the kernel
+    launch alone (what a TensorRT engine does per layer); tests and benchmarks share it.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        half: bool,
+        scale: np.ndarray,
+        bias: np.ndarray,
+        running_mean: Optional[np.ndarray],
+        running_var: Optional[np.ndarray],
+        mean_weights: Sequence[float],
+        var_weights: Sequence[float],
+        eps: float = 1e-5,
+        relu: bool = False,
+    ) -> None:
+        import torch
+
+        self.lib = cuda_library()
+        self.shape, self.half = tuple(int(d) for d in shape), bool(half)
+        self.params, host = make_params(self.shape, scale, bias, running_mean, running_var,
+                                        mean_weights, var_weights, eps, relu)
+        names = ("scale", "bias", "running_mean", "running_var")
+        self._device = {k: torch.from_numpy(a).cuda() for k, a in zip(names, host) if a is not None}
+        for k in names:
+            setattr(self.params, k, self._device[k].data_ptr() if k in self._device else None)
+        p = self.params
+        size = self.lib.sn_cuda_workspace_size(p.N, p.C, p.L if not p.rank2 else 1)
+        self.workspace = torch.empty(max(int(size), 1), dtype=torch.uint8, device="cuda")
+
+    def __call__(self, x, out=None, residual=None):
+        """y = relu?(SN(x) + residual) on the current stream; ``out`` may be preallocated."""
+        import torch
+
+        want = torch.float16 if self.half else torch.float32
+        for name, t in (("x", x), ("out", out), ("residual", residual)):
+            if t is not None and (tuple(t.shape) != self.shape or t.dtype != want
+                                  or not t.is_cuda or not t.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous CUDA {want} tensor of shape "
+                                 f"{self.shape}")
+        y = torch.empty_like(x) if out is None else out
+        self.params.residual = residual.data_ptr() if residual is not None else None
+        stream = torch.cuda.current_stream().cuda_stream
+        check(self.lib.sn_forward_cuda(ctypes.byref(self.params), int(self.half), x.data_ptr(),
+                                       y.data_ptr(), self.workspace.data_ptr(), stream), self.lib)
+        return y

@@ -1,7 +1,6 @@
 """The CUDA kernels: compiled here (nvcc), exercised on a GPU where one is present (marked gpu)."""
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,21 +51,14 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
 
 def run_cuda(x, p, relu=False, misalign=False, residual=None):
-    """Run libsn_cuda.so on torch CUDA tensors through ctypes (``misalign``: True puts x, y and the
-    residual, "residual" only the residual, one element past an aligned address, so the
-    vectorized paths must step aside)."""
+    """Run libsn_cuda.so on numpy data through :class:`ops.CudaSwitchableNorm` (``misalign``:
+    True puts x, y and the residual, "residual" only the residual, one element past an aligned
+    address, so the vectorized paths must step aside)."""
     import torch
 
-    lib = ctypes.CDLL(str(ops.library_path("sn_cuda")))
-    lib.sn_forward_cuda.restype = ctypes.c_int
-    lib.sn_cuda_workspace_size.restype = ctypes.c_size_t
-    lib.sn_cuda_workspace_size.argtypes = [ctypes.c_int64] * 3
-    dev = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a, np.float32)).cuda()  # noqa: E731
-    tensors = {k: dev(p[k]) for k in ("scale", "bias", "running_mean", "running_var")}
-    params, _ = ops.make_params(x.shape, p["scale"], p["bias"], p["running_mean"], p["running_var"],
-                                p["mean_weights"], p["var_weights"], 1e-5, relu)
-    for k, t in tensors.items():
-        setattr(params, k, None if t is None else t.data_ptr())
+    sn = ops.CudaSwitchableNorm(x.shape, x.dtype == np.float16, p["scale"], p["bias"],
+                                p["running_mean"], p["running_var"], p["mean_weights"],
+                                p["var_weights"], 1e-5, relu)
 
     def upload(a, shifted):
         if not shifted:
@@ -77,17 +69,8 @@ def run_cuda(x, p, relu=False, misalign=False, residual=None):
     xt = upload(x, misalign is True)
     yt = upload(np.empty_like(x), misalign is True)
     rt = upload(residual, bool(misalign)) if residual is not None else None
-    params.residual = rt.data_ptr() if rt is not None else None
-    L = params.L if not params.rank2 else 1
-    ws = torch.empty(lib.sn_cuda_workspace_size(params.N, params.C, L), dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-    dtype = 1 if x.dtype == np.float16 else 0
-    code = lib.sn_forward_cuda(ctypes.byref(params), dtype, ctypes.c_void_p(xt.data_ptr()),
-                               ctypes.c_void_p(yt.data_ptr()), ctypes.c_void_p(ws.data_ptr()),
-                               ctypes.c_void_p(stream))
+    sn(xt, out=yt, residual=rt)
     torch.cuda.synchronize()
-    if code != 0:
-        raise ValueError(f"sn_forward_cuda returned {code}")
     return yt.cpu().numpy()
 
 
@@ -148,7 +131,7 @@ def test_deterministic_and_degenerate():
     p = params(32, 3, True)
     x = np.random.default_rng(4).normal(size=(8, 32, 64, 64)).astype(np.float32)
     np.testing.assert_array_equal(run_cuda(x, p), run_cuda(x, p))
-    with pytest.raises(ValueError, match="returned 2"):
+    with pytest.raises(ValueError, match="one element per normalized group"):
         run_cuda(np.ones((2, 32, 1, 1), np.float32), p)
 
 
