@@ -140,6 +140,47 @@ def bench_single_layer(repeats: int, threads: int) -> list[dict]:
     return results
 
 
+def _moments_graph(one_pass: bool, shape) -> onnx.ModelProto:
+    """Per-plane variance in float32 the one-pass way (E[x²] − E[x]²) or the two-pass way."""
+    from onnx import TensorProto, helper
+
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"])]
+    if one_pass:
+        nodes += [helper.make_node("Mul", ["x", "x"], ["xx"]),
+                  helper.make_node("ReduceMean", ["xx", "axes"], ["m2"]),
+                  helper.make_node("Mul", ["m", "m"], ["mm"]),
+                  helper.make_node("Sub", ["m2", "mm"], ["var"])]
+    else:
+        nodes += [helper.make_node("Sub", ["x", "m"], ["d"]),
+                  helper.make_node("Mul", ["d", "d"], ["dd"]),
+                  helper.make_node("ReduceMean", ["dd", "axes"], ["var"])]
+    n, c, l = shape
+    graph = helper.make_graph(
+        nodes, "moments", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c, l])],
+        [helper.make_tensor_value_info("var", TensorProto.FLOAT, [n, c, 1])], initializer=[axes])
+    # IR 9: what onnxruntime 1.31 reads (onnx 1.23 would write 14)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def bench_variance_accuracy() -> list[dict]:
+    """Why the decomposition pays for a second pass: relative error of the per-plane variance,
+    float32 in onnxruntime vs float64, on inputs whose mean is `offset` times their std."""
+    shape = (2, 64, 56 * 56)
+    sessions = {name: create_session(_moments_graph(name == "one_pass", shape), threads=1)
+                for name in ("one_pass", "two_pass")}
+    rows = []
+    for offset in (0, 10, 100, 1000):
+        x = (offset + np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+        truth = x.astype(np.float64).var(axis=2, keepdims=True)
+        row = {"mean_over_std": offset}
+        for name, sess in sessions.items():
+            got = sess.run(None, {"x": x})[0].astype(np.float64)
+            row[f"{name}_max_rel_error"] = float(np.max(np.abs(got - truth) / truth))
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
@@ -152,6 +193,7 @@ def main() -> None:
         "repeats": args.repeats,
         "resnet50": bench_resnet50(args.repeats, args.threads),
         "single_layer": bench_single_layer(args.repeats, args.threads),
+        "variance_accuracy": bench_variance_accuracy(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -166,6 +208,11 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.3f} ms ({r['ratio_vs_copy'][k]:.2f}x)"
                           for k, v in r["time_ms"].items())
         print(f"  {r['shape']}: {parts}; copy {r['copy_GBps']:.1f} GB/s")
+    print("\nPer-plane variance in float32 (onnxruntime) vs float64, max relative error")
+    for r in report["variance_accuracy"]:
+        print(f"  mean = {r['mean_over_std']:>4} std: one-pass E[x^2]-E[x]^2 "
+              f"{r['one_pass_max_rel_error']:.1e}, two-pass (sn_deploy) "
+              f"{r['two_pass_max_rel_error']:.1e}")
 
 
 if __name__ == "__main__":
