@@ -63,18 +63,22 @@ def _saved_batches(state: Path) -> int:
         return 0
 
 
+def _kill_after_saves(cmd: list[str], state: Path, batches: int) -> int:
+    """Start ``cmd``, SIGKILL it once its state file records ``batches``; returns the count."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _saved_batches(state) < batches and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    return _saved_batches(state)
+
+
 def test_killed_run_resumes_to_the_same_statistics(job):
     full = _run(_cmd(job, "full.pth"))
     assert full.returncode == 0, full.stderr
     out, state = job / "resumed.pth", job / "resumed.pth.calib-state"
-    proc = subprocess.Popen(_cmd(job, "resumed.pth", "--checkpoint-every", "2"), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _saved_batches(state) < 4 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    killed_at = _saved_batches(state)
+    killed_at = _kill_after_saves(_cmd(job, "resumed.pth", "--checkpoint-every", "2"), state, 4)
     assert 4 <= killed_at < 14, f"the run was not killed half way ({killed_at})"
     assert not out.exists()
     resumed = _run(_cmd(job, "resumed.pth", "--checkpoint-every", "2", "--report",
@@ -94,14 +98,7 @@ def test_killed_run_resumes_to_the_same_statistics(job):
 
 def test_state_of_another_run_is_refused(job):
     state = job / "other.pth.calib-state"
-    proc = subprocess.Popen(_cmd(job, "other.pth", "--checkpoint-every", "1"), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _saved_batches(state) < 1 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert state.exists()
+    assert _kill_after_saves(_cmd(job, "other.pth", "--checkpoint-every", "1"), state, 1) >= 1
     cmd = _cmd(job, "other.pth", "--checkpoint-every", "1")
     cmd[cmd.index("--seed") + 1] = "6"
     res = _run(cmd)
