@@ -227,3 +227,31 @@ def test_console_script_error_has_no_traceback(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint") and "Traceback" not in proc.stderr
+
+
+COMMANDS = ["sn-calibrate", "sn-export", "sn-decompose", "sn-specialize", "sn-validate",
+            "sn-build-engine", "sn-serve"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("args,pattern", [
+    ([], "Missing argument"),
+    (["x.pth", "--no-such-flag"], "No such option: --no-such-flag"),
+])
+def test_usage_errors_are_one_line(command, args, pattern):
+    exe = Path(sys.executable).parent / command
+    if not exe.exists():
+        pytest.skip(f"{command} not installed in this environment")
+    if command == "sn-serve" and not args:
+        args, pattern = ["m.onnx", "--port", "not-a-port"], "Invalid value for '--port'"
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]
+    assert lines[0].endswith(f"see '{command} --help'") and "Traceback" not in proc.stderr
+
+
+def test_help_still_exits_0():
+    exe = Path(sys.executable).parent / "sn-calibrate"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--checkpoint-every" in proc.stdout

@@ -17,6 +17,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's ClickException (typer vendors click, so matched by its interface, not its class)."""
+    return (type(exc).__name__ in {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption",
+                                   "BadOptionUsage", "BadArgumentUsage", "ClickException"}
+            and callable(getattr(exc, "format_message", None))
+            and isinstance(getattr(exc, "exit_code", None), int))
+
+
 def run_app(app: typer.Typer) -> Callable[[], None]:
     """Entry point that turns SnDeployError (and Ctrl-C) into one line and exit code 2."""
 
@@ -24,12 +32,23 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
 
     def main() -> None:
         try:
-            app(standalone_mode=True)
+            code = app(standalone_mode=False)
         except SnDeployError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, typer.Abort):
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
+        except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
+            # a bad option value, a missing argument, an unknown flag: one line, not click's box
+            ctx = getattr(exc, "ctx", None)
+            prog = ctx.command_path if ctx is not None else "the command"
+            message = ' '.join(exc.format_message().split()).rstrip('.')
+            print(f"error: {message}; see '{prog} --help'",
+                  file=sys.stderr)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     return main
