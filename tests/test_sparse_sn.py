@@ -136,6 +136,14 @@ def test_official_ssn_checkpoint_calibrates_and_exports_with_parity(ssn_job):
     job = run_export(str(d / "ssn.pth"), "resnetv1ssn18", (2, 3, 64, 64), d / "out", log=lambda m: None)
     assert job.validation.passed
     assert all(len(f.layers) == len(switch_norm_layers(model)) for f in job.validation.forms)
+    # the file sn-export wrote (ReLU and residual Adds fused) specializes exactly too
+    import onnx
+
+    sn = onnx.load(d / "out" / "model.sn.onnx")
+    spec, done = specialize_model(sn)
+    assert [s for s in done if not s.replaced_by.startswith("kept")]
+    x = np.random.default_rng(4).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    assert measure_specialization(sn, spec, done, x) < 1e-4
 
 
 def test_one_hot_ssn_layers_specialize_exactly(ssn_job):
