@@ -30,7 +30,8 @@ from sn_deploy.models import build_model  # noqa: E402
 from sn_deploy.nn import SwitchNorm2d  # noqa: E402
 from sn_deploy.passes.decompose import decompose_model  # noqa: E402
 from sn_deploy.passes.fuse import fuse_model, fused_residual_layers  # noqa: E402
-from sn_deploy.runtime.onnxruntime import create_session, native_op_library  # noqa: E402
+from sn_deploy.runtime.onnxruntime import (  # noqa: E402
+    create_session, native_op_library, nchwc_block_size, optimize_for_this_cpu)
 
 from bench_models import bn_twin as _bn_twin, randomize as _randomize  # noqa: E402
 
@@ -83,6 +84,8 @@ def bench_resnet50(repeats: int, threads: int) -> list[dict]:
         if native_op_library() is not None:
             forms["sn_deploy_native_op"] = sn_onnx
             forms["sn_deploy_native_op_relu_only"] = relu_only
+            if nchwc_block_size():
+                forms["sn_deploy_cpu_nchwc"] = optimize_for_this_cpu(sn_onnx)  # model.cpu.onnx
         runners = {k: _session_runner(m, x, threads) for k, m in forms.items()}
         med = _time_alternating(runners, repeats)
         results.append({
@@ -92,6 +95,35 @@ def bench_resnet50(repeats: int, threads: int) -> list[dict]:
             "ratio_vs_bn": {k: med[k] / med["bn_folded"] for k in med},
         })
     return results
+
+
+def _nchwc_layer_runner(sn_onnx: onnx.ModelProto, x: np.ndarray, threads: int):
+    """One SN layer as model.cpu.onnx runs it: on an NCHWc tensor, no reorders around it."""
+    import onnx_graphsurgeon as gs
+
+    from sn_deploy.passes.nchwc import NCHWC_DOMAIN, keep_sn_in_nchwc_model
+
+    block = nchwc_block_size()
+    graph = gs.import_onnx(sn_onnx)
+    node = next(n for n in graph.nodes if n.op == "SwitchableNorm")
+    x_blocked = gs.Variable("input_nchwc", dtype=np.float32, shape=x.shape)
+    graph.nodes.append(gs.Node("ReorderOutput", domain=NCHWC_DOMAIN, inputs=[x_blocked],
+                               outputs=[node.inputs[0]],
+                               attrs={"channels": x.shape[1], "channels_last": 0}))
+    graph.inputs = [x_blocked]
+    y = node.outputs[0]
+    y_blocked = gs.Variable("output_nchwc", dtype=np.float32)
+    graph.nodes.append(gs.Node("ReorderInput", domain=NCHWC_DOMAIN, inputs=[y],
+                               outputs=[y_blocked], attrs={"channels_last": 0}))
+    graph.outputs = [y_blocked]
+    model = gs.export_onnx(graph.cleanup().toposort())
+    model.opset_import.append(onnx.helper.make_opsetid(NCHWC_DOMAIN, 1))
+    model.ir_version = sn_onnx.ir_version
+    sess = create_session(keep_sn_in_nchwc_model(model, block), threads=threads)
+    from sn_deploy.ops import to_nchwc
+
+    xb = to_nchwc(x, block)
+    return lambda: sess.run(None, {"input_nchwc": xb})
 
 
 def _single_sn_model(shape) -> onnx.ModelProto:
@@ -121,6 +153,8 @@ def bench_single_layer(repeats: int, threads: int) -> list[dict]:
         }
         if native_op_library() is not None:
             runners["sn_native_op_ort"] = _session_runner(sn_onnx, x, threads)
+            if nchwc_block_size():  # the layer between two reorders of onnxruntime's own
+                runners["sn_nchwc_op_ort"] = _nchwc_layer_runner(sn_onnx, x, threads)
         ops = _native_ops()
         if ops is not None:
             c = shape[1]

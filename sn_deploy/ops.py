@@ -253,3 +253,65 @@ class CudaSwitchableNorm:
         check(self.lib.sn_forward_cuda(ctypes.byref(self.params), int(self.half), x.data_ptr(),
                                        y.data_ptr(), self.workspace.data_ptr(), stream), self.lib)
         return y
+
+
+def to_nchwc(x: np.ndarray, block: int) -> np.ndarray:
+    """NCHW (N, C, *spatial) → onnxruntime's blocked NCHWc layout, channels zero-padded to a
+    multiple of ``block``, as the logical (N, C_padded, *spatial) array ORT passes around."""
+    n, c = x.shape[:2]
+    cp = -(-c // block) * block
+    padded = np.zeros((n, cp) + x.shape[2:], x.dtype)
+    padded[:, :c] = x
+    blocked = padded.reshape((n, cp // block, block) + x.shape[2:])
+    order = (0, 1) + tuple(range(3, x.ndim + 1)) + (2,)
+    return np.ascontiguousarray(blocked.transpose(order)).reshape(padded.shape)
+
+
+def from_nchwc(x: np.ndarray, channels: int, block: int) -> np.ndarray:
+    """The inverse of :func:`to_nchwc` (padding channels dropped)."""
+    n, cp = x.shape[:2]
+    blocked = x.reshape((n, cp // block) + x.shape[2:] + (block,))
+    nd = blocked.ndim
+    order = (0, 1, nd - 1) + tuple(range(2, nd - 1))
+    return np.ascontiguousarray(blocked.transpose(order)).reshape((n, cp) + x.shape[2:])[:, :channels]
+
+
+def switchable_norm_cpu_nchwc(
+    x: np.ndarray,
+    channels: int,
+    block: int,
+    scale: np.ndarray,
+    bias: np.ndarray,
+    running_mean: Optional[np.ndarray],
+    running_var: Optional[np.ndarray],
+    mean_weights: Sequence[float],
+    var_weights: Sequence[float],
+    eps: float = 1e-5,
+    relu: bool = False,
+    num_threads: int = 0,
+    residual: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """SN on a float32 NCHWc tensor (see :func:`to_nchwc`), the layout onnxruntime keeps
+    convolutions in; ``channels`` is the real C, the rest of axis 1 padding."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim < 3 or x.shape[1] != -(-channels // block) * block:
+        raise ValueError(f"an NCHWc tensor of {channels} channels in blocks of {block} has "
+                         f"{-(-channels // block) * block} on axis 1, got shape {x.shape}")
+    if residual is not None:
+        residual = np.ascontiguousarray(residual, np.float32)
+        if residual.shape != x.shape:
+            raise ValueError("residual must have the input's (blocked) shape")
+    lib = cpu_library()
+    fn = lib.sn_forward_cpu_nchwc_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(SnParams), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int]
+    logical = (x.shape[0], channels) + x.shape[2:]
+    params, keep = make_params(logical, scale, bias, running_mean, running_var, mean_weights,
+                               var_weights, eps, relu)
+    if residual is not None:
+        params.residual = residual.ctypes.data
+    y = np.empty_like(x)
+    check(fn(ctypes.byref(params), int(block), x.ctypes.data, y.ctypes.data, int(num_threads)), lib)
+    del keep, residual
+    return y

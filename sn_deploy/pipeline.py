@@ -78,6 +78,7 @@ def run_export(
     trust_pickle: bool = False,
     fuse: bool = True,
     fuse_residual: bool = True,
+    cpu_optimize: bool = False,
     triton_repo: Optional[str] = None,
     model_name: str = "model",
     validate_inputs: str = "random",
@@ -122,6 +123,12 @@ def run_export(
         decomposed = decompose_model(sn_onnx)
         written.append(save_model_atomic(decomposed, out / "model.onnx"))
         forms = [out / "model.onnx", out / "model.sn.onnx"]
+        if cpu_optimize:
+            from sn_deploy.runtime.onnxruntime import optimize_for_this_cpu
+
+            cpu = optimize_for_this_cpu(sn_onnx)
+            written.append(save_model_atomic(cpu, out / "model.cpu.onnx"))
+            forms.append(out / "model.cpu.onnx")
         if target == "tensorrt":
             from sn_deploy.passes.to_plugin import to_plugin_model
 

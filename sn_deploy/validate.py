@@ -189,12 +189,18 @@ class OnnxRuntimeRunner:
         from sn_deploy.passes.fuse import fused_relu_layers, fused_residual_layers
         from sn_deploy.runtime.onnxruntime import create_session, load_model
 
+        from sn_deploy.passes.nchwc import BLOCK_KEY
+
         proto = load_model(model)
         self.fused_relu = fused_relu_layers(proto)
         self.fused_residual = fused_residual_layers(proto)
         self.layer_outputs: list[str] = []
         declared = {o.name for o in proto.graph.output}
-        if per_layer:
+        # model.cpu.onnx keeps layer outputs in onnxruntime's blocked layout: compared per output
+        # (its layers are the model.sn.onnx ones, compared per layer there)
+        blocked = any(p.key == BLOCK_KEY for p in proto.metadata_props)
+        self.compares_layers = per_layer and not blocked
+        if self.compares_layers:
             proto, self.layer_outputs = _with_layer_outputs(proto, self.fused_residual.values())
         hidden = set(self.layer_outputs) | (set(self.fused_residual.values()) - declared)
         self.name = name
@@ -364,7 +370,7 @@ def validate(
             else:
                 form.outputs.append(Comparison(out_name, (), math.inf, math.inf, math.inf,
                                                math.nan, 0, 0, reason="output missing"))
-        if per_layer and hasattr(runner, "layer_outputs"):
+        if per_layer and getattr(runner, "compares_layers", hasattr(runner, "layer_outputs")):
             fused = getattr(runner, "fused_relu", set())
             residuals = getattr(runner, "fused_residual", {})
             for t in executed:

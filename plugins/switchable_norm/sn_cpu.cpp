@@ -208,9 +208,132 @@ void apply_range(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
   }
 }
 
+// NCHWc: the B channels of a group are interleaved, so every loop runs over positions with the
+// B lanes innermost (one or two SIMD registers). Chunks of kBlockedChunk positions stay in L1.
+constexpr int64_t kBlockedChunk = 64;
+
+template <int B>
+void moments_group(const float* x, int64_t L, float* shift, sn::MomentsD* m) {
+  for (int b = 0; b < B; ++b) {
+    shift[b] = x[b];
+    m[b] = sn::MomentsD{0.0, 0.0, 0.0};
+  }
+  for (int64_t start = 0; start < L; start += kBlockedChunk) {
+    const int64_t n = std::min(kBlockedChunk, L - start);
+    const float* v = x + start * B;
+    float acc[B] = {}, centre[B], acc2[B] = {};
+    for (int64_t l = 0; l < n; ++l)
+#pragma omp simd
+      for (int b = 0; b < B; ++b) acc[b] += v[l * B + b] - shift[b];
+    for (int b = 0; b < B; ++b) centre[b] = shift[b] + acc[b] / (float)n;
+    for (int64_t l = 0; l < n; ++l)
+#pragma omp simd
+      for (int b = 0; b < B; ++b) {
+        const float d = v[l * B + b] - centre[b];
+        acc2[b] += d * d;
+      }
+    for (int b = 0; b < B; ++b) m[b] = sn::chan_merge_d(m[b], acc[b] / (float)n, acc2[b], (double)n);
+  }
+}
+
+template <int B>
+void moments_groups(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
+  const SnParams* p = pl.p;
+  const int64_t cb = (p->C + B - 1) / B;
+  const float* x = static_cast<const float*>(pl.x);
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t n = g / cb, c0 = (g % cb) * B;
+    float shift[B];
+    sn::MomentsD m[B];
+    moments_group<B>(x + g * p->L * B, p->L, shift, m);
+    for (int b = 0; b < B && c0 + b < p->C; ++b) {
+      const int64_t r = n * p->C + c0 + b;
+      pl.shift[r] = shift[b];
+      pl.mean[r] = shift[b] + m[b].mean;
+      pl.var[r] = m[b].m2 / (m[b].count - 1.0);  // unbiased
+    }
+  }
+}
+
+template <int B, bool kRelu, bool kResidual>
+void apply_group(const float* x, const float* r, float* y, int64_t L, const float* sh,
+                 const float* a, const float* bb) {
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t o = l * B;
+#pragma omp simd
+    for (int b = 0; b < B; ++b) {
+      const sn::Affine t{sh[b], a[b], bb[b]};
+      y[o + b] = kResidual ? sn::apply(x[o + b], r[o + b], t, kRelu) : sn::apply(x[o + b], t, kRelu);
+    }
+  }
+}
+
+template <int B>
+void apply_groups(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
+  const SnParams* p = pl.p;
+  const int64_t cb = (p->C + B - 1) / B, span = p->L * B;
+  const float* x = static_cast<const float*>(pl.x);
+  const float* res = static_cast<const float*>(p->residual);
+  float* y = static_cast<float*>(pl.y);
+  const bool relu = p->relu != 0;
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t n = g / cb, c0 = (g % cb) * B;
+    float sh[B] = {}, a[B] = {}, bb[B] = {};  // padding lanes: y = 0 (+ the residual's 0)
+    for (int b = 0; b < B && c0 + b < p->C; ++b) {
+      const sn::Affine& t = pl.terms[n * p->C + c0 + b];
+      sh[b] = t.shift;
+      a[b] = t.a;
+      bb[b] = t.b;
+    }
+    const float* xg = x + g * span;
+    const float* rg = res ? res + g * span : nullptr;
+    float* yg = y + g * span;
+    if (rg)
+      relu ? apply_group<B, true, true>(xg, rg, yg, p->L, sh, a, bb)
+           : apply_group<B, false, true>(xg, rg, yg, p->L, sh, a, bb);
+    else
+      relu ? apply_group<B, true, false>(xg, rg, yg, p->L, sh, a, bb)
+           : apply_group<B, false, false>(xg, rg, yg, p->L, sh, a, bb);
+  }
+}
+
+template <template <int> class F, typename... Args>
+void by_block(int64_t block, Args&&... args) {
+  switch (block) {
+    case 4: return F<4>::run(args...);
+    case 8: return F<8>::run(args...);
+    default: return F<16>::run(args...);
+  }
+}
+template <int B>
+struct MomentsGroups {
+  static void run(sn_cpu::Plan& pl, int64_t b, int64_t e) { moments_groups<B>(pl, b, e); }
+};
+template <int B>
+struct ApplyGroups {
+  static void run(sn_cpu::Plan& pl, int64_t b, int64_t e) { apply_groups<B>(pl, b, e); }
+};
+
 }  // namespace
 
 namespace sn_cpu {
+
+int prepare_blocked(Plan& pl, const SnParams* p, int64_t block, const void* x, void* y) {
+  if (block != 4 && block != 8 && block != 16) return SN_ERR_INVALID_ARGUMENT;
+  if (p && p->rank2) return SN_ERR_INVALID_ARGUMENT;  // NCHWc tensors have spatial axes
+  if (const int err = prepare(pl, p, x, y, false)) return err;
+  pl.block = block;
+  pl.groups = p->N * ((p->C + block - 1) / block);
+  return SN_OK;
+}
+
+void moments_blocked(Plan& pl, int64_t begin, int64_t end) {
+  by_block<MomentsGroups>(pl.block, pl, begin, end);
+}
+
+void apply_blocked(Plan& pl, int64_t begin, int64_t end) {
+  by_block<ApplyGroups>(pl.block, pl, begin, end);
+}
 
 int prepare(Plan& pl, const SnParams* p, const void* x, void* y, bool half) {
   if (const int err = validate(p)) return err;
@@ -307,7 +430,40 @@ int forward(const SnParams* p, const void* x, void* y, bool half, int num_thread
 
 }  // namespace
 
+namespace {
+
+int forward_blocked(const SnParams* p, int64_t block, const float* x, float* y, int num_threads) {
+  sn_cpu::Plan pl;
+  if (const int err = sn_cpu::prepare_blocked(pl, p, block, x, y)) return err;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const bool par = p->N * p->C * p->L >= 32768;
+#pragma omp parallel num_threads(threads) if (par)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    sn_cpu::moments_blocked(pl, pl.groups * t / nt, pl.groups * (t + 1) / nt);
+#pragma omp barrier
+    sn_cpu::combine(pl, p->N * t / nt, p->N * (t + 1) / nt);
+#pragma omp barrier
+    sn_cpu::apply_blocked(pl, pl.groups * t / nt, pl.groups * (t + 1) / nt);
+  }
+#else
+  (void)num_threads;
+  sn_cpu::moments_blocked(pl, 0, pl.groups);
+  sn_cpu::combine(pl, 0, p->N);
+  sn_cpu::apply_blocked(pl, 0, pl.groups);
+#endif
+  return SN_OK;
+}
+
+}  // namespace
+
 extern "C" {
+
+int sn_forward_cpu_nchwc_f32(const SnParams* p, int64_t block, const float* x, float* y,
+                             int num_threads) {
+  return forward_blocked(p, block, x, y, num_threads);
+}
 
 int sn_forward_cpu_f32(const SnParams* p, const float* x, float* y, int num_threads) {
   return forward(p, x, y, false, num_threads);

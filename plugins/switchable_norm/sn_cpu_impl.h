@@ -20,6 +20,9 @@ struct Plan {
   std::vector<float> shift;        // per run
   std::vector<sn::Affine> terms;   // per (n, c)
   sn::Mixing mx{};
+  // onnxruntime's blocked NCHWc layout (float32): [N][ceil(C/block)][L][block], channels past C
+  // are padding. 0: plain NCHW. Work units are then the N*ceil(C/block) channel groups.
+  int64_t block = 0, groups = 0;
 };
 
 // Validates and sizes the plan; SN_OK or an error code (sn_kernels.h).
@@ -27,6 +30,12 @@ int prepare(Plan& plan, const SnParams* p, const void* x, void* y, bool half);
 void moments(Plan& plan, int64_t run_begin, int64_t run_end);  // phase 1, over runs
 void combine(Plan& plan, int64_t n_begin, int64_t n_end);      // phase 2, over samples
 void apply(Plan& plan, int64_t run_begin, int64_t run_end);    // phase 3, over runs
+
+// The same three phases on an NCHWc tensor (block 4, 8 or 16; float32, rank 4 or more): moments
+// and apply over channel groups, combine (above) over samples.
+int prepare_blocked(Plan& plan, const SnParams* p, int64_t block, const void* x, void* y);
+void moments_blocked(Plan& plan, int64_t group_begin, int64_t group_end);
+void apply_blocked(Plan& plan, int64_t group_begin, int64_t group_end);
 
 }  // namespace sn_cpu
 

@@ -39,6 +39,11 @@ enum { SN_OK = 0, SN_ERR_INVALID_ARGUMENT = 1, SN_ERR_DEGENERATE = 2, SN_ERR_CUD
 SN_API int sn_forward_cpu_f32(const SnParams* p, const float* x, float* y, int num_threads);
 SN_API int sn_forward_cpu_f16(const SnParams* p, const uint16_t* x, uint16_t* y, int num_threads);
 SN_API const char* sn_error_string(int code);
+/* x and y in onnxruntime's blocked NCHWc layout [N][ceil(C/block)][L][block] (float32, block 4, 8
+ * or 16; channels past C are padding and come out 0, plus the residual's). p->residual, when set,
+ * is in the same layout. */
+SN_API int sn_forward_cpu_nchwc_f32(const SnParams* p, int64_t block, const float* x, float* y,
+                                    int num_threads);
 
 /* CUDA (libsn_cuda.so and the TensorRT plugin). dtype 0 = fp32, 1 = fp16; cuda_stream is a
  * cudaStream_t. The workspace holds the per-plane moments and per-(n, c) affine terms. */

@@ -57,11 +57,9 @@ SN_HD Moments chan_merge(const Moments& a, const Moments& b) {
 template <int K>
 SN_HD void welford_add_chunk(Moments& m, const float (&d)[K]) {
   float s = 0.f;
-#pragma unroll
   for (int k = 0; k < K; ++k) s += d[k];
   const float mc = s * (1.f / K);
   float m2 = 0.f;
-#pragma unroll
   for (int k = 0; k < K; ++k) m2 += (d[k] - mc) * (d[k] - mc);
   m = chan_merge(m, Moments{mc, m2, float(K)});
 }

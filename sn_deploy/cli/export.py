@@ -32,6 +32,10 @@ def export(
                               help="fold SN→ReLU and SN→Add(residual)[→ReLU] into the SN node"),
     fuse_residual: bool = typer.Option(True, "--fuse-residual/--no-fuse-residual",
                                        help="with --fuse: also fold residual Adds (default on)"),
+    cpu_optimize: bool = typer.Option(False, "--cpu-optimize",
+                                      help="also write model.cpu.onnx: onnxruntime's CPU layout "
+                                           "with SN kept in it (needs make plugins; tied to this "
+                                           "CPU's SIMD width, like an engine to its GPU)"),
     triton_repo: Optional[Path] = typer.Option(None, "--triton-repo",
                                                help="also write a Triton model repository here"),
     model_name: str = typer.Option("model", "--model-name", help="name in the Triton repository"),
@@ -50,7 +54,8 @@ def export(
     result = run_export(
         str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
         dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
-        trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual, atol=atol, rtol=rtol,
+        trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual,
+        cpu_optimize=cpu_optimize, atol=atol, rtol=rtol,
         log=typer.echo, triton_repo=str(triton_repo) if triton_repo else None,
         model_name=model_name,
     )

@@ -84,6 +84,78 @@ def has_sn_nodes(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
+def _nchwc_block_of(model: onnx.ModelProto) -> Optional[int]:
+    """The NCHWc block size a model.cpu.onnx was made for (None: not such a model)."""
+    from sn_deploy.passes.nchwc import BLOCK_KEY
+
+    value = next((p.value for p in model.metadata_props if p.key == BLOCK_KEY), None)
+    return int(value) if value is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def nchwc_block_size() -> int:
+    """The channel block of onnxruntime's NCHWc layout on this CPU (8 with AVX2, 16 with
+    AVX-512): a 4-channel tensor reordered by onnxruntime itself comes out padded to one block."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReorderInput", ["x"], ["y"], domain="com.microsoft.nchwc",
+                            channels_last=0)
+    graph = helper.make_graph(
+        [node], "nchwc_block_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    probe = helper.make_model(graph, ir_version=9, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft.nchwc", 1)])
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        return int(sess.run(None, {"x": np.zeros((1, 4, 1, 1), np.float32)})[0].shape[1])
+    except Exception:  # noqa: BLE001 - a build or CPU without NCHWc kernels
+        return 0
+
+
+def optimize_for_this_cpu(model: ModelLike, threads: Optional[int] = None) -> onnx.ModelProto:
+    """model.sn.onnx → model.cpu.onnx: onnxruntime's own full optimization (NCHWc convolutions,
+    fusions) saved, then every SN layer kept in NCHWc (:mod:`sn_deploy.passes.nchwc`).
+
+    Like a TensorRT engine, the result belongs to this kind of CPU (its NCHWc block size is
+    recorded and checked when a session is created) and needs ``libsn_ort_op.so``.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    from sn_deploy.passes.nchwc import keep_sn_in_nchwc_model
+
+    proto = load_model(model)
+    native = native_op_library()
+    if native is None:
+        raise InputError("the CPU-optimized form needs the native op library: build it with "
+                         "`make plugins`")
+    block = nchwc_block_size()
+    if block == 0:
+        raise InputError("this onnxruntime build or CPU has no NCHWc kernels: deploy model.onnx "
+                         "or model.sn.onnx instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.register_custom_ops_library(str(native))
+        try:
+            ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime cannot load the model: {first}") from None
+        optimized = onnx.load(f"{tmp}/optimized.onnx")
+    for p in proto.metadata_props:  # keep sn_deploy's metadata (fused layers, producer notes)
+        if not any(q.key == p.key for q in optimized.metadata_props):
+            optimized.metadata_props.add(key=p.key, value=p.value)
+    return keep_sn_in_nchwc_model(optimized, block)
+
+
 # --------------------------------------------------------------------------- the custom op
 def native_op_library() -> Optional[Path]:
     """``libsn_ort_op.so`` when it is built (``make plugins``), else None."""
@@ -207,12 +279,23 @@ def create_session(
     import onnxruntime as ort
 
     proto = load_model(model)
+    block = _nchwc_block_of(proto)
+    if block is not None:
+        here = nchwc_block_size()
+        if here != block or native_op_library() is None or not native_op:
+            raise InputError(
+                f"this model.cpu.onnx was optimized for onnxruntime's NCHWc block {block}; "
+                + (f"this CPU uses {here or 'no NCHWc'}: rebuild it here with sn-export "
+                   "--cpu-optimize, or deploy model.onnx" if here != block else
+                   "it needs the native op library (make plugins)"))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if has_sn_nodes(proto):
+    if block is not None:
+        opts.register_custom_ops_library(str(native_op_library()))
+    elif has_sn_nodes(proto):
         native = native_op_library() if native_op else None
         if native is not None:
             opts.register_custom_ops_library(str(native))

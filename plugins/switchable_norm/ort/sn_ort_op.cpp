@@ -30,8 +30,17 @@ struct Traits<Ort::Float16_t> {
 };
 
 struct SnKernel {
-  explicit SnKernel(const OrtKernelInfo* info) {
+  // blocked: the SwitchableNormNchwc flavour (onnxruntime's NCHWc layout, attributes channels and
+  // block); see sn_deploy/passes/nchwc.py, which places it between NCHWc convolutions.
+  explicit SnKernel(const OrtKernelInfo* info, bool blocked = false) : blocked(blocked) {
     Ort::ConstKernelInfo ki(info);
+    if (blocked) {
+      channels = ki.GetAttribute<int64_t>("channels");
+      block = ki.GetAttribute<int64_t>("block");
+      if (channels < 1 || (block != 4 && block != 8 && block != 16))
+        ORT_CXX_API_THROW("SwitchableNormNchwc: needs channels >= 1 and block 4, 8 or 16",
+                          ORT_INVALID_ARGUMENT);
+    }
     epsilon = optional<float>(ki, "epsilon", 1e-5f);
     relu = optional<int64_t>(ki, "relu", 0);
     mean_w = ki.GetAttributes<float>("mean_weights");
@@ -56,18 +65,22 @@ struct SnKernel {
     auto info = x.GetTensorTypeAndShapeInfo();
     std::vector<int64_t> shape = info.GetShape();
     if (shape.size() < 2) ORT_CXX_API_THROW("SwitchableNorm: input must be (N, C, ...)", ORT_INVALID_ARGUMENT);
+    const int64_t C = blocked ? channels : shape[1];
+    if (blocked && (shape.size() < 3 || shape[1] != (C + block - 1) / block * block))
+      ORT_CXX_API_THROW("SwitchableNormNchwc: input is not an NCHWc tensor of 'channels' channels",
+                        ORT_INVALID_ARGUMENT);
     const size_t n_inputs = ctx.GetInputCount();
     auto per_channel = [&](size_t i) -> const float* {
       if (i >= n_inputs) return nullptr;
       Ort::ConstValue v = ctx.GetInput(i);
       if (!v) return nullptr;
-      if (v.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(shape[1]))
+      if (v.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(C))
         ORT_CXX_API_THROW("SwitchableNorm: per-channel inputs must have C elements", ORT_INVALID_ARGUMENT);
       return v.GetTensorData<float>();
     };
     SnParams p{};
     p.N = shape[0];
-    p.C = shape[1];
+    p.C = C;
     p.L = 1;
     for (size_t i = 2; i < shape.size(); ++i) p.L *= shape[i];
     p.rank2 = shape.size() == 2;
@@ -87,12 +100,15 @@ struct SnKernel {
     if (p.N * p.C * p.L == 0) return;
     const bool half = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     sn_cpu::Plan plan;
-    const int status = sn_cpu::prepare(plan, &p, x.GetTensorRawData(), y.GetTensorMutableRawData(), half);
+    const int status =
+        blocked ? sn_cpu::prepare_blocked(plan, &p, block, x.GetTensorRawData(), y.GetTensorMutableRawData())
+                : sn_cpu::prepare(plan, &p, x.GetTensorRawData(), y.GetTensorMutableRawData(), half);
     if (status != SN_OK)
       ORT_CXX_API_THROW(std::string("SwitchableNorm: ") + sn_error_string(status), ORT_INVALID_ARGUMENT);
-    Phase moments{&plan, plan.runs, &sn_cpu::moments};
+    const int64_t units = blocked ? plan.groups : plan.runs;
+    Phase moments{&plan, units, blocked ? &sn_cpu::moments_blocked : &sn_cpu::moments};
     Phase combine{&plan, p.N, &sn_cpu::combine};
-    Phase apply{&plan, plan.runs, &sn_cpu::apply};
+    Phase apply{&plan, units, blocked ? &sn_cpu::apply_blocked : &sn_cpu::apply};
     for (Phase* phase : {&moments, &combine, &apply}) phase->run(ctx);
   }
 
@@ -131,6 +147,8 @@ struct SnKernel {
     }
   };
 
+  bool blocked;
+  int64_t channels = 0, block = 0;
   float epsilon;
   int64_t relu;
   std::vector<float> mean_w, var_w;
@@ -152,6 +170,21 @@ struct SnOp : Ort::CustomOpBase<SnOp<T>, SnKernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return Traits<T>::type; }
 };
 
+// SwitchableNorm on onnxruntime's NCHWc layout (float32): same inputs, plus attributes channels
+// (the real C) and block; X, the residual and Y are NCHWc tensors (N, C padded to the block, ...).
+struct SnNchwcOp : Ort::CustomOpBase<SnNchwcOp, SnKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SnKernel(info, true); }
+  const char* GetName() const { return "SwitchableNormNchwc"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 std::mutex gMutex;
 std::vector<Ort::CustomOpDomain> gDomains;  // must outlive every session that uses them
 
@@ -162,10 +195,12 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   static SnOp<float> op_f32;
   static SnOp<Ort::Float16_t> op_f16;
+  static SnNchwcOp op_nchwc;
   try {
     Ort::CustomOpDomain domain{"sn_deploy"};
     domain.Add(&op_f32);
     domain.Add(&op_f16);
+    domain.Add(&op_nchwc);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(gMutex);
     gDomains.push_back(std::move(domain));
