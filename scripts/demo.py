@@ -4,9 +4,10 @@
 1. train a small SN CNN for real (digits ship inside scikit-learn: no download) and save it as an
    official-format checkpoint (``{'epoch','state_dict','best_prec1','optimizer'}``, ``module.`` keys);
 2. ``sn-calibrate``: batch-average BN statistics over training batches;
-3. ``sn-export``: model.sn.onnx (custom op) + model.onnx (standard ops) + parity report;
+3. ``sn-export``: model.sn.onnx (custom op) + model.onnx (standard ops) + model.cpu.onnx (SN in
+   onnxruntime's NCHWc layout, where the native op is built) + parity report;
 4. ``sn-validate`` on the real test images, per layer;
-5. test-set accuracy of PyTorch vs ONNX Runtime (both ONNX forms).
+5. test-set accuracy of PyTorch vs ONNX Runtime (every ONNX form written).
 """
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ def main() -> None:
 
     print("\n== 3. export: custom-op ONNX, standard-op ONNX, parity report")
     export_dir = out / "export"
+    from sn_deploy.runtime.onnxruntime import native_op_library, nchwc_block_size
+
+    cpu_form = native_op_library() is not None and nchwc_block_size() > 0
     sh("sn-export", str(calibrated), "--arch", "demo_sn_net", "--input-shape", "1x1x8x8",
-       "--dynamic-batch", "--output-dir", str(export_dir))
+       "--dynamic-batch", "--output-dir", str(export_dir), *(["--cpu-optimize"] if cpu_form else []))
 
     print("\n== 4. parity on the real test images, per SN layer")
     sh("sn-validate", str(calibrated), "--arch", "demo_sn_net",
@@ -85,7 +89,7 @@ def main() -> None:
     with torch.no_grad():
         pred_torch = torch_model(torch.from_numpy(x_test)).argmax(1).numpy()
     rows = [("PyTorch (calibrated)", pred_torch)]
-    for name in ("model.onnx", "model.sn.onnx"):
+    for name in ("model.onnx", "model.sn.onnx") + (("model.cpu.onnx",) if cpu_form else ()):
         sess = create_session(export_dir / name)
         logits = sess.run(None, {sess.get_inputs()[0].name: x_test})[0]
         rows.append((f"ONNX Runtime {name}", logits.argmax(1)))
