@@ -87,6 +87,9 @@ def cpu_library() -> ctypes.CDLL:
     for fn in (lib.sn_forward_cpu_f32, lib.sn_forward_cpu_f16):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(SnParams), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.sn_forward_cpu_nchwc_f32.restype = ctypes.c_int
+    lib.sn_forward_cpu_nchwc_f32.argtypes = [ctypes.POINTER(SnParams), ctypes.c_int64,
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -159,17 +162,30 @@ def switchable_norm_cpu(
     num_threads: int = 0,
     out: Optional[np.ndarray] = None,
     residual: Optional[np.ndarray] = None,
+    *,
+    nchwc_block: int = 0,
+    channels: Optional[int] = None,
 ) -> np.ndarray:
     """SN inference on the CPU kernel: float32/float16 NCHW (or (N, C)) in, same dtype out.
 
     Mixing weights are already softmaxed; running stats are None when the layer has no BN branch.
     ``out`` (C-contiguous, same shape and dtype) avoids allocating the result. ``residual`` (the
     input's shape and dtype) is a fused skip connection: ``y = relu?(SN(x) + residual)``.
+    ``nchwc_block`` > 0: x, the residual and y are float32 in onnxruntime's blocked NCHWc layout
+    (see :func:`to_nchwc`), axis 1 padded; ``channels`` is then the real C.
     """
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float16):
         raise ValueError(f"switchable_norm_cpu takes float32 or float16, got {x.dtype}")
     x = np.ascontiguousarray(x)
+    logical = x.shape
+    if nchwc_block:
+        c = int(channels if channels is not None else x.shape[1])
+        if x.dtype != np.float32 or x.ndim < 3 or x.shape[1] != -(-c // nchwc_block) * nchwc_block:
+            raise ValueError(f"an NCHWc tensor of {c} channels in blocks of {nchwc_block} is "
+                             f"float32 with {-(-c // nchwc_block) * nchwc_block} on axis 1, got "
+                             f"{x.dtype} {x.shape}")
+        logical = (x.shape[0], c) + x.shape[2:]
     if residual is not None:
         residual = np.asarray(residual)
         if residual.shape != x.shape or residual.dtype != x.dtype:
@@ -177,7 +193,7 @@ def switchable_norm_cpu(
                              f"got {residual.shape} {residual.dtype}")
         residual = np.ascontiguousarray(residual)
     lib = cpu_library()
-    params, keep = make_params(x.shape, scale, bias, running_mean, running_var, mean_weights,
+    params, keep = make_params(logical, scale, bias, running_mean, running_var, mean_weights,
                                var_weights, eps, relu)
     if residual is not None:
         params.residual = residual.ctypes.data
@@ -187,8 +203,13 @@ def switchable_norm_cpu(
         raise ValueError("out must be a C-contiguous array of the input's shape and dtype")
     else:
         y = out
-    fn = lib.sn_forward_cpu_f32 if x.dtype == np.float32 else lib.sn_forward_cpu_f16
-    check(fn(ctypes.byref(params), x.ctypes.data, y.ctypes.data, int(num_threads)), lib)
+    if nchwc_block:
+        code = lib.sn_forward_cpu_nchwc_f32(ctypes.byref(params), int(nchwc_block), x.ctypes.data,
+                                            y.ctypes.data, int(num_threads))
+    else:
+        fn = lib.sn_forward_cpu_f32 if x.dtype == np.float32 else lib.sn_forward_cpu_f16
+        code = fn(ctypes.byref(params), x.ctypes.data, y.ctypes.data, int(num_threads))
+    check(code, lib)
     del keep, residual
     return y
 
@@ -274,44 +295,3 @@ def from_nchwc(x: np.ndarray, channels: int, block: int) -> np.ndarray:
     nd = blocked.ndim
     order = (0, 1, nd - 1) + tuple(range(2, nd - 1))
     return np.ascontiguousarray(blocked.transpose(order)).reshape((n, cp) + x.shape[2:])[:, :channels]
-
-
-def switchable_norm_cpu_nchwc(
-    x: np.ndarray,
-    channels: int,
-    block: int,
-    scale: np.ndarray,
-    bias: np.ndarray,
-    running_mean: Optional[np.ndarray],
-    running_var: Optional[np.ndarray],
-    mean_weights: Sequence[float],
-    var_weights: Sequence[float],
-    eps: float = 1e-5,
-    relu: bool = False,
-    num_threads: int = 0,
-    residual: Optional[np.ndarray] = None,
-) -> np.ndarray:
-    """SN on a float32 NCHWc tensor (see :func:`to_nchwc`), the layout onnxruntime keeps
-    convolutions in; ``channels`` is the real C, the rest of axis 1 padding."""
-    x = np.ascontiguousarray(x, np.float32)
-    if x.ndim < 3 or x.shape[1] != -(-channels // block) * block:
-        raise ValueError(f"an NCHWc tensor of {channels} channels in blocks of {block} has "
-                         f"{-(-channels // block) * block} on axis 1, got shape {x.shape}")
-    if residual is not None:
-        residual = np.ascontiguousarray(residual, np.float32)
-        if residual.shape != x.shape:
-            raise ValueError("residual must have the input's (blocked) shape")
-    lib = cpu_library()
-    fn = lib.sn_forward_cpu_nchwc_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(SnParams), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int]
-    logical = (x.shape[0], channels) + x.shape[2:]
-    params, keep = make_params(logical, scale, bias, running_mean, running_var, mean_weights,
-                               var_weights, eps, relu)
-    if residual is not None:
-        params.residual = residual.ctypes.data
-    y = np.empty_like(x)
-    check(fn(ctypes.byref(params), int(block), x.ctypes.data, y.ctypes.data, int(num_threads)), lib)
-    del keep, residual
-    return y

@@ -45,9 +45,10 @@ def test_blocked_kernel_matches_reference(block, shape, using_bn, relu, with_res
     r = rng.normal(size=shape).astype(np.float32) if with_residual else None
     xb = ops.to_nchwc(x, block)
     assert np.array_equal(ops.from_nchwc(xb, C, block), x)
-    yb = ops.switchable_norm_cpu_nchwc(xb, C, block, p["scale"], p["bias"], p["running_mean"],
-                                       p["running_var"], p["mean_weights"], p["var_weights"],
-                                       relu=relu, residual=None if r is None else ops.to_nchwc(r, block))
+    yb = ops.switchable_norm_cpu(xb, p["scale"], p["bias"], p["running_mean"], p["running_var"],
+                                 p["mean_weights"], p["var_weights"], relu=relu,
+                                 residual=None if r is None else ops.to_nchwc(r, block),
+                                 nchwc_block=block, channels=C)
     expected = R.switchable_norm(x.astype(np.float64), p["scale"], p["bias"], p["mean_weights"],
                                  p["var_weights"], p["running_mean"], p["running_var"], relu=relu,
                                  residual=r)
@@ -64,9 +65,9 @@ def test_blocked_kernel_matches_reference(block, shape, using_bn, relu, with_res
 def test_blocked_kernel_on_offset_inputs(rng):
     p = _layer(24, True, rng)
     x = (1000 + rng.normal(size=(2, 24, 16, 16))).astype(np.float32)
-    yb = ops.switchable_norm_cpu_nchwc(ops.to_nchwc(x, 16), 24, 16, p["scale"], p["bias"],
-                                       p["running_mean"], p["running_var"], p["mean_weights"],
-                                       p["var_weights"])
+    yb = ops.switchable_norm_cpu(ops.to_nchwc(x, 16), p["scale"], p["bias"], p["running_mean"],
+                                 p["running_var"], p["mean_weights"], p["var_weights"],
+                                 nchwc_block=16, channels=24)
     expected = R.switchable_norm(x.astype(np.float64), p["scale"], p["bias"], p["mean_weights"],
                                  p["var_weights"], p["running_mean"], p["running_var"])
     np.testing.assert_allclose(ops.from_nchwc(yb, 24, 16), expected, rtol=1e-5,
@@ -77,13 +78,13 @@ def test_blocked_kernel_on_offset_inputs(rng):
 def test_blocked_kernel_refuses_bad_layouts(rng):
     p = _layer(20, True, rng)
     x = ops.to_nchwc(rng.normal(size=(1, 20, 4, 4)).astype(np.float32), 8)
+    args = (p["scale"], p["bias"], p["running_mean"], p["running_var"], p["mean_weights"],
+            p["var_weights"])
     with pytest.raises(ValueError, match="NCHWc tensor of 20 channels"):
-        ops.switchable_norm_cpu_nchwc(x, 20, 16, p["scale"], p["bias"], p["running_mean"],
-                                      p["running_var"], p["mean_weights"], p["var_weights"])
-    with pytest.raises(ValueError, match="invalid argument"):
-        ops.switchable_norm_cpu_nchwc(ops.to_nchwc(np.zeros((1, 20, 4, 4), np.float32), 12), 20, 12,
-                                      p["scale"], p["bias"], p["running_mean"], p["running_var"],
-                                      p["mean_weights"], p["var_weights"])
+        ops.switchable_norm_cpu(x, *args, nchwc_block=16, channels=20)
+    with pytest.raises(ValueError, match="invalid argument"):  # the kernel knows blocks 4, 8, 16
+        ops.switchable_norm_cpu(ops.to_nchwc(np.zeros((1, 20, 4, 4), np.float32), 12), *args,
+                                nchwc_block=12, channels=20)
 
 
 @pytest.fixture(scope="module")

@@ -395,65 +395,43 @@ void apply(Plan& pl, int64_t begin, int64_t end) {
 
 namespace {
 
-// The library's own driver: the three phases over an OpenMP team, barriers between them.
-int forward(const SnParams* p, const void* x, void* y, bool half, int num_threads) {
-  sn_cpu::Plan pl;
-  if (const int err = sn_cpu::prepare(pl, p, x, y, half)) return err;
+// The library's own driver: the three phases over an OpenMP team, barriers between them. Moments
+// and apply run over `units` (planes, or NCHWc channel groups), combine over samples.
+using PhaseFn = void (*)(sn_cpu::Plan&, int64_t, int64_t);
+
+int drive(sn_cpu::Plan& pl, int64_t units, PhaseFn moments, PhaseFn apply, int num_threads) {
+  const SnParams* p = pl.p;
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const bool par = p->N * p->C * p->L >= 32768;  // below this, thread start-up costs more
 #pragma omp parallel num_threads(threads) if (par)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    auto part = [&](int64_t total, int64_t& b, int64_t& e) {
-      b = total * t / nt;
-      e = total * (t + 1) / nt;
-    };
-    int64_t b, e;
-    part(pl.runs, b, e);
-    sn_cpu::moments(pl, b, e);
+    moments(pl, units * t / nt, units * (t + 1) / nt);
 #pragma omp barrier
-    part(p->N, b, e);
-    sn_cpu::combine(pl, b, e);
+    sn_cpu::combine(pl, p->N * t / nt, p->N * (t + 1) / nt);
 #pragma omp barrier
-    part(pl.runs, b, e);
-    sn_cpu::apply(pl, b, e);
+    apply(pl, units * t / nt, units * (t + 1) / nt);
   }
 #else
   (void)num_threads;
-  sn_cpu::moments(pl, 0, pl.runs);
+  moments(pl, 0, units);
   sn_cpu::combine(pl, 0, p->N);
-  sn_cpu::apply(pl, 0, pl.runs);
+  apply(pl, 0, units);
 #endif
   return SN_OK;
 }
 
-}  // namespace
-
-namespace {
+int forward(const SnParams* p, const void* x, void* y, bool half, int num_threads) {
+  sn_cpu::Plan pl;
+  if (const int err = sn_cpu::prepare(pl, p, x, y, half)) return err;
+  return drive(pl, pl.runs, &sn_cpu::moments, &sn_cpu::apply, num_threads);
+}
 
 int forward_blocked(const SnParams* p, int64_t block, const float* x, float* y, int num_threads) {
   sn_cpu::Plan pl;
   if (const int err = sn_cpu::prepare_blocked(pl, p, block, x, y)) return err;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const bool par = p->N * p->C * p->L >= 32768;
-#pragma omp parallel num_threads(threads) if (par)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    sn_cpu::moments_blocked(pl, pl.groups * t / nt, pl.groups * (t + 1) / nt);
-#pragma omp barrier
-    sn_cpu::combine(pl, p->N * t / nt, p->N * (t + 1) / nt);
-#pragma omp barrier
-    sn_cpu::apply_blocked(pl, pl.groups * t / nt, pl.groups * (t + 1) / nt);
-  }
-#else
-  (void)num_threads;
-  sn_cpu::moments_blocked(pl, 0, pl.groups);
-  sn_cpu::combine(pl, 0, p->N);
-  sn_cpu::apply_blocked(pl, 0, pl.groups);
-#endif
-  return SN_OK;
+  return drive(pl, pl.groups, &sn_cpu::moments_blocked, &sn_cpu::apply_blocked, num_threads);
 }
 
 }  // namespace
