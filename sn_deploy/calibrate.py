@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from sn_deploy.atomic import atomic_write
 from sn_deploy.errors import InputError
-from sn_deploy.nn import DegenerateInputError, _SwitchNorm, switch_norm_layers
+from sn_deploy.nn import BATCH_NORM_TYPES, DegenerateInputError, _SwitchNorm, switch_norm_layers
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _PooledStats:
@@ -136,8 +135,20 @@ class ResumeState:
     path: Path
     every: int
     fingerprint: dict
+    saved: Optional[dict] = field(default=None, repr=False)  # what the file held at the start
 
-    def load(self) -> Optional[dict]:
+    @classmethod
+    def open(cls, path: Path, every: int, fingerprint: dict) -> "ResumeState":
+        """Read (and check) the state file once, before the run; no file: a fresh start."""
+        state = cls(Path(path), every, fingerprint)
+        state.saved = state._read()
+        return state
+
+    @property
+    def done(self) -> int:
+        return int(self.saved["done"]) if self.saved else 0
+
+    def _read(self) -> Optional[dict]:
         if not self.path.exists():
             return None
         try:
@@ -189,7 +200,7 @@ def _bn_train_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _calibrated_layers(model: nn.Module, precise_bn: bool) -> tuple[list, list]:
     sn_layers = [(n, m) for n, m in switch_norm_layers(model) if m.using_bn]
     bn_layers = [(n, m) for n, m in model.named_modules()
-                 if isinstance(m, _BN_TYPES) and m.running_mean is not None] if precise_bn else []
+                 if isinstance(m, BATCH_NORM_TYPES) and m.running_mean is not None] if precise_bn else []
     if not sn_layers and not bn_layers:
         has_sn = bool(switch_norm_layers(model))
         raise InputError(
@@ -222,7 +233,7 @@ def calibrate_batch_average(
     sn_layers, bn_layers = _calibrated_layers(model, precise_bn)
     stats = {n: _PooledStats(m.running_mean) for n, m in sn_layers + bn_layers}
     done, samples, previous_seconds = 0, 0, 0.0
-    saved = resume.load() if resume is not None else None
+    saved = resume.saved if resume is not None else None
     if saved is not None:
         if set(saved["stats"]) != set(stats):
             raise InputError(f"calibration state '{resume.path}' holds other layers; delete it")
@@ -374,9 +385,8 @@ def calibrate_from_data(
                        "data_size": len(source), "batch_size": b, "num_batches": k,
                        "order": order, "seed": seed, "precise_bn": precise_bn,
                        "rank": rank, "world": world}
-        resume = ResumeState(Path(state_path), checkpoint_every, fingerprint)
-        saved = resume.load()
-        done = int(saved["done"]) if saved else 0
+        resume = ResumeState.open(Path(state_path), checkpoint_every, fingerprint)
+        done = resume.done
     # this rank's i-th batch is batch i·world + rank of the plan; skip the ones already done
     keep = lambda i: i % world == rank and i // world >= done  # noqa: E731
     local = len(range(rank, k, world))

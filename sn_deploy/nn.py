@@ -335,9 +335,11 @@ def switch_norm_layers(model: nn.Module) -> list[tuple[str, _SwitchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _SwitchNorm)]
 
 
+#: PyTorch's BatchNorm layers (``--precise-bn`` calibrates them too)
+BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: PyTorch's own normalization layers, exported as standard ONNX ops and compared per layer too
-STANDARD_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
-                       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+STANDARD_NORM_TYPES = BATCH_NORM_TYPES + (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                                          nn.InstanceNorm3d, nn.LayerNorm)
 
 
 def normalization_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

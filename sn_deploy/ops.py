@@ -181,10 +181,10 @@ def switchable_norm_cpu(
     logical = x.shape
     if nchwc_block:
         c = int(channels if channels is not None else x.shape[1])
-        if x.dtype != np.float32 or x.ndim < 3 or x.shape[1] != -(-c // nchwc_block) * nchwc_block:
+        padded = -(-c // nchwc_block) * nchwc_block
+        if x.dtype != np.float32 or x.ndim < 3 or x.shape[1] != padded:
             raise ValueError(f"an NCHWc tensor of {c} channels in blocks of {nchwc_block} is "
-                             f"float32 with {-(-c // nchwc_block) * nchwc_block} on axis 1, got "
-                             f"{x.dtype} {x.shape}")
+                             f"float32 with {padded} on axis 1, got {x.dtype} {x.shape}")
         logical = (x.shape[0], c) + x.shape[2:]
     if residual is not None:
         residual = np.asarray(residual)

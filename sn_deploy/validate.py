@@ -189,7 +189,7 @@ class OnnxRuntimeRunner:
         from sn_deploy.passes.fuse import fused_relu_layers, fused_residual_layers
         from sn_deploy.runtime.onnxruntime import create_session, load_model
 
-        from sn_deploy.passes.nchwc import BLOCK_KEY
+        from sn_deploy.passes.nchwc import nchwc_block_of
 
         proto = load_model(model)
         self.fused_relu = fused_relu_layers(proto)
@@ -198,8 +198,7 @@ class OnnxRuntimeRunner:
         declared = {o.name for o in proto.graph.output}
         # model.cpu.onnx keeps layer outputs in onnxruntime's blocked layout: compared per output
         # (its layers are the model.sn.onnx ones, compared per layer there)
-        blocked = any(p.key == BLOCK_KEY for p in proto.metadata_props)
-        self.compares_layers = per_layer and not blocked
+        self.compares_layers = per_layer and nchwc_block_of(proto) is None
         if self.compares_layers:
             proto, self.layer_outputs = _with_layer_outputs(proto, self.fused_residual.values())
         hidden = set(self.layer_outputs) | (set(self.fused_residual.values()) - declared)

@@ -297,23 +297,6 @@ void apply_groups(sn_cpu::Plan& pl, int64_t begin, int64_t end) {
   }
 }
 
-template <template <int> class F, typename... Args>
-void by_block(int64_t block, Args&&... args) {
-  switch (block) {
-    case 4: return F<4>::run(args...);
-    case 8: return F<8>::run(args...);
-    default: return F<16>::run(args...);
-  }
-}
-template <int B>
-struct MomentsGroups {
-  static void run(sn_cpu::Plan& pl, int64_t b, int64_t e) { moments_groups<B>(pl, b, e); }
-};
-template <int B>
-struct ApplyGroups {
-  static void run(sn_cpu::Plan& pl, int64_t b, int64_t e) { apply_groups<B>(pl, b, e); }
-};
-
 }  // namespace
 
 namespace sn_cpu {
@@ -327,12 +310,21 @@ int prepare_blocked(Plan& pl, const SnParams* p, int64_t block, const void* x, v
   return SN_OK;
 }
 
+// block is 4, 8 or 16 (checked by prepare_blocked): one instantiation each
 void moments_blocked(Plan& pl, int64_t begin, int64_t end) {
-  by_block<MomentsGroups>(pl.block, pl, begin, end);
+  switch (pl.block) {
+    case 4: return moments_groups<4>(pl, begin, end);
+    case 8: return moments_groups<8>(pl, begin, end);
+    default: return moments_groups<16>(pl, begin, end);
+  }
 }
 
 void apply_blocked(Plan& pl, int64_t begin, int64_t end) {
-  by_block<ApplyGroups>(pl.block, pl, begin, end);
+  switch (pl.block) {
+    case 4: return apply_groups<4>(pl, begin, end);
+    case 8: return apply_groups<8>(pl, begin, end);
+    default: return apply_groups<16>(pl, begin, end);
+  }
 }
 
 int prepare(Plan& pl, const SnParams* p, const void* x, void* y, bool half) {

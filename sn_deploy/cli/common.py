@@ -17,14 +17,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _is_usage_error(exc: Exception) -> bool:
-    """Click's ClickException (typer vendors click, so matched by its interface, not its class)."""
-    return (type(exc).__name__ in {"UsageError", "BadParameter", "MissingParameter", "NoSuchOption",
-                                   "BadOptionUsage", "BadArgumentUsage", "ClickException"}
-            and callable(getattr(exc, "format_message", None))
-            and isinstance(getattr(exc, "exit_code", None), int))
-
-
 def run_app(app: typer.Typer) -> Callable[[], None]:
     """Entry point that turns SnDeployError (and Ctrl-C) into one line and exit code 2."""
 
@@ -39,9 +31,7 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
         except (KeyboardInterrupt, typer.Abort):
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
-        except Exception as exc:
-            if not _is_usage_error(exc):
-                raise
+        except typer.TyperException as exc:  # click's ClickException, vendored by typer
             # a bad option value, a missing argument, an unknown flag: one line, not click's box
             ctx = getattr(exc, "ctx", None)
             prog = ctx.command_path if ctx is not None else "the command"

@@ -12,6 +12,8 @@ taken as is.  The result is tied to the block size, like an engine is tied to it
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -97,6 +99,12 @@ def keep_sn_in_nchwc_model(model: onnx.ModelProto, block: int) -> onnx.ModelProt
     out.metadata_props.add(key=BLOCK_KEY, value=str(int(block)))
     out.ir_version = model.ir_version
     return out
+
+
+def nchwc_block_of(model: onnx.ModelProto) -> Optional[int]:
+    """The NCHWc block size a model.cpu.onnx was made for (None: not such a model)."""
+    value = next((p.value for p in model.metadata_props if p.key == BLOCK_KEY), None)
+    return int(value) if value is not None else None
 
 
 def nchwc_layers(model: onnx.ModelProto) -> int:

@@ -84,14 +84,6 @@ def has_sn_nodes(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
-def _nchwc_block_of(model: onnx.ModelProto) -> Optional[int]:
-    """The NCHWc block size a model.cpu.onnx was made for (None: not such a model)."""
-    from sn_deploy.passes.nchwc import BLOCK_KEY
-
-    value = next((p.value for p in model.metadata_props if p.key == BLOCK_KEY), None)
-    return int(value) if value is not None else None
-
-
 @functools.lru_cache(maxsize=None)
 def nchwc_block_size() -> int:
     """The channel block of onnxruntime's NCHWc layout on this CPU (8 with AVX2, 16 with
@@ -278,16 +270,18 @@ def create_session(
     """
     import onnxruntime as ort
 
+    from sn_deploy.passes.nchwc import nchwc_block_of
+
     proto = load_model(model)
-    block = _nchwc_block_of(proto)
+    block = nchwc_block_of(proto)
     if block is not None:
+        made_for = f"this model.cpu.onnx was optimized for onnxruntime's NCHWc block {block}; "
         here = nchwc_block_size()
-        if here != block or native_op_library() is None or not native_op:
-            raise InputError(
-                f"this model.cpu.onnx was optimized for onnxruntime's NCHWc block {block}; "
-                + (f"this CPU uses {here or 'no NCHWc'}: rebuild it here with sn-export "
-                   "--cpu-optimize, or deploy model.onnx" if here != block else
-                   "it needs the native op library (make plugins)"))
+        if here != block:
+            raise InputError(made_for + f"this CPU uses {here or 'no NCHWc'}: rebuild it here "
+                             "with sn-export --cpu-optimize, or deploy model.onnx")
+        if native_op_library() is None or not native_op:
+            raise InputError(made_for + "it needs the native op library (make plugins)")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
