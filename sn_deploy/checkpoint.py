@@ -3,6 +3,10 @@
 ``torch.load(weights_only=True)`` by default: a checkpoint is data, and unpickling arbitrary
 objects runs code.  A pickled whole ``nn.Module`` loads only with ``trust_pickle=True``.
 Matching is strict (the official loader's ``strict=False`` silently loads half a model).
+Without an architecture, the one registered architecture whose keys and shapes the checkpoint has
+is used (:mod:`sn_deploy.models.infer`).  A training wrapper's extra parts (the official face
+models' ``ArcFaceWithLoss``: ``basemodel.*`` backbone, ``head.*`` classifier) are set aside: the
+backbone is deployed, the other keys are reported as dropped and written back unchanged.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,9 +25,13 @@ import torch.nn as nn
 from sn_deploy.atomic import atomic_path
 from sn_deploy.errors import SnDeployError
 from sn_deploy.models import ARCHITECTURES, UnknownArchError, build_model
+from sn_deploy.models.infer import infer_architecture, matching_architectures
 
 DDP_PREFIX = "module."
 WRAPPER_KEYS = ("state_dict", "model")
+#: the official face models' training wrapper (ArcFaceWithLoss): backbone, and what is not deployed
+BACKBONE_PREFIX = "basemodel."
+TRAINING_ONLY_PREFIXES = ("head.",)
 
 
 def _numpy_scalar_globals() -> list:
@@ -54,13 +62,39 @@ class LoadedCheckpoint:
     wrapper_key: Optional[str]  # 'state_dict' / 'model' / None for a bare state_dict
     prefixed: bool           # keys carried the DDP 'module.' prefix
     path: Path
+    arch: Optional[str] = None    # the registered architecture whose layout the model has
+    arch_source: str = "given"    # 'given', 'inferred' (from keys and shapes), 'pickled' module
+    backbone_prefix: str = ""     # 'basemodel.' when the model is a training wrapper's backbone
+    dropped: dict = field(default_factory=dict)  # keys outside the backbone, kept for writing back
+
+    def describe(self) -> dict:
+        """What was loaded, for reports."""
+        return {"path": str(self.path), "arch": self.arch, "arch_source": self.arch_source,
+                "backbone_prefix": self.backbone_prefix or None,
+                "dropped_keys": list(self.dropped)}
+
+    def dropped_note(self) -> Optional[str]:
+        """One line naming the keys that were set aside, or None."""
+        if not self.dropped:
+            return None
+        keys = list(self.dropped)
+        shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        return (f"dropped {len(keys)} key{'s' if len(keys) != 1 else ''} outside the backbone "
+                f"'{self.backbone_prefix.rstrip('.')}' (training only, not deployed): {shown}")
 
 
-def _read(path: Path, trust_pickle: bool) -> Any:
+def check_checkpoint_path(path) -> Path:
+    """The path of an existing checkpoint file (before anything is created beside it)."""
+    path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder; give the checkpoint file (.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; check the path")
+    return path
+
+
+def _read(path: Path, trust_pickle: bool) -> Any:
+    check_checkpoint_path(path)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -109,6 +143,17 @@ def _strip_prefix(sd: dict) -> tuple[dict, bool]:
     return sd, False
 
 
+def split_training_wrapper(sd: dict) -> tuple[dict, str, dict]:
+    """``(backbone state_dict, backbone prefix, dropped keys)`` of an ``ArcFaceWithLoss`` layout
+    (every key under ``basemodel.`` or ``head.``); any other state_dict is returned as it is."""
+    outside = [k for k in sd if not k.startswith(BACKBONE_PREFIX)]
+    if len(outside) == len(sd) or not all(k.startswith(TRAINING_ONLY_PREFIXES) for k in outside):
+        return sd, "", {}
+    backbone = OrderedDict((k[len(BACKBONE_PREFIX):], v) for k, v in sd.items()
+                           if k.startswith(BACKBONE_PREFIX))
+    return backbone, BACKBONE_PREFIX, OrderedDict((k, sd[k]) for k in outside)
+
+
 def _arch_kwargs(arch: str, sd: dict) -> dict:
     """Infer num_classes from the classifier for registered architectures (10-class digits...)."""
     fc = sd.get("fc.weight")
@@ -142,12 +187,15 @@ def _mismatch_message(model: nn.Module, sd: dict, arch: str) -> Optional[str]:
     return f"checkpoint does not match --arch {arch}: {'; '.join(parts)} ({hint})"
 
 
-def load_checkpoint(path, arch: str, trust_pickle: bool = False,
+def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False,
                     arch_kwargs: Optional[dict] = None) -> LoadedCheckpoint:
     """Load ``path`` into a fresh ``arch`` model, strictly; the model is returned in eval mode.
 
-    A pickled nn.Module (only with ``trust_pickle``) is treated like its state_dict, so it too must
-    match ``arch``; ``num_classes`` is read from ``fc.weight`` for registered architectures.
+    ``arch=None``: the one registered architecture the checkpoint's keys and shapes fit
+    (:class:`~sn_deploy.models.infer.ArchInferenceError` for none or several), or, for a pickled
+    nn.Module (only with ``trust_pickle``), that module itself.  With ``arch``, a pickled module is
+    treated like its state_dict, so it too must match; ``num_classes`` is read from ``fc.weight``
+    for registered architectures.
     """
     path = Path(path)
     container = _read(path, trust_pickle)
@@ -158,17 +206,42 @@ def load_checkpoint(path, arch: str, trust_pickle: bool = False,
     else:
         raw, wrapper_key = _unwrap(container)
     sd, prefixed = _strip_prefix(raw)
+    if arch is None and isinstance(container, nn.Module):
+        return _loaded_module(container, sd, path)
+    if arch is None:
+        sd, backbone_prefix, dropped = split_training_wrapper(sd)
+        arch, source = infer_architecture(sd, f"'{path.name}'"), "inferred"
+    else:
+        backbone_prefix, dropped, source = "", {}, "given"
     try:
         model = build_model(arch, **{**_arch_kwargs(arch, sd), **(arch_kwargs or {})})
     except UnknownArchError as exc:
         raise CheckpointError(str(exc)) from None
     except TypeError as exc:  # a factory that does not take the given keyword arguments
         raise CheckpointError(f"cannot build --arch {arch} ({exc})") from None
+    if source == "given" and not any(k.startswith(BACKBONE_PREFIX) for k in model.state_dict()):
+        sd, backbone_prefix, dropped = split_training_wrapper(sd)
     problem = _mismatch_message(model, sd, arch)
     if problem:
         raise CheckpointError(problem)
     model.load_state_dict(sd, strict=True)
-    return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path)
+    return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path,
+                            arch=arch, arch_source=source, backbone_prefix=backbone_prefix,
+                            dropped=dropped)
+
+
+def _loaded_module(container: nn.Module, sd: dict, path: Path) -> LoadedCheckpoint:
+    """A trusted pickled module used as it is (its backbone, for a training wrapper)."""
+    backbone_sd, backbone_prefix, dropped = split_training_wrapper(sd)
+    model = container
+    if backbone_prefix:
+        model = getattr(container, BACKBONE_PREFIX.rstrip("."), None)
+        if not isinstance(model, nn.Module):
+            model, backbone_sd, backbone_prefix, dropped = container, sd, "", {}
+    matches = matching_architectures(backbone_sd)
+    return LoadedCheckpoint(model.eval(), container, None, False, path,
+                            arch=matches[0] if len(matches) == 1 else None, arch_source="pickled",
+                            backbone_prefix=backbone_prefix, dropped=dropped)
 
 
 def _with_weights(module: nn.Module, sd: dict) -> nn.Module:
@@ -185,6 +258,9 @@ def save_checkpoint_like(loaded: LoadedCheckpoint, model: nn.Module, path) -> Pa
     """
     path = Path(path)
     sd = model.state_dict()
+    if loaded.backbone_prefix:
+        sd = OrderedDict([*((loaded.backbone_prefix + k, v) for k, v in sd.items()),
+                          *loaded.dropped.items()])
     if loaded.prefixed:
         sd = OrderedDict((DDP_PREFIX + k, v) for k, v in sd.items())
     container = loaded.container

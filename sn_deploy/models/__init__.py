@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
 
-from sn_deploy.models import demo, resnet_v1_sn, resnet_v1_ssn, resnet_v2_sn
+from sn_deploy.models import demo, face_resnet, resnet_v1_sn, resnet_v1_ssn, resnet_v2_sn
 
 
 class UnknownArchError(ValueError):
@@ -18,7 +18,22 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     **{f"resnetv1sn{d}": getattr(resnet_v1_sn, f"resnetv1sn{d}") for d in (18, 34, 50, 101, 152)},
     **{f"resnetv2sn{d}": getattr(resnet_v2_sn, f"resnetv2sn{d}") for d in (18, 34, 50, 101, 152)},
     **{f"resnetv1ssn{d}": getattr(resnet_v1_ssn, f"resnetv1ssn{d}") for d in (18, 34, 50, 101, 152)},
+    **face_resnet.FACTORIES,
 }
+
+#: each registered architecture's native input (C, H, W): what it was trained on
+NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
+    name: (1, 8, 8) if name == "demo_sn_net"
+    else face_resnet.INPUT_SIZE if name in face_resnet.FACTORIES
+    else (3, 224, 224)
+    for name in ARCHITECTURES
+}
+
+
+def native_input_shape(arch: str, batch: int = 1) -> Optional[tuple[int, ...]]:
+    """(batch, C, H, W) a registered architecture takes natively; None for a user factory."""
+    size = NATIVE_INPUT_SIZES.get(arch)
+    return None if size is None else (batch, *size)
 
 
 def resolve_factory(arch: str) -> Callable[..., nn.Module]:
