@@ -82,6 +82,20 @@ class LoadedCheckpoint:
         return (f"dropped {len(keys)} key{'s' if len(keys) != 1 else ''} outside the backbone "
                 f"'{self.backbone_prefix.rstrip('.')}' (training only, not deployed): {shown}")
 
+    def notes(self) -> list[str]:
+        """What was inferred rather than given, one line each, for the user to check."""
+        lines = []
+        if self.arch_source == "inferred":
+            lines.append(f"arch: {self.arch}, inferred from the keys and shapes of "
+                         f"'{self.path.name}' (--arch to choose another)")
+        elif self.arch_source == "pickled":
+            what = f" (the layout of {self.arch})" if self.arch else ""
+            lines.append(f"arch: the pickled {type(self.model).__name__} module of "
+                         f"'{self.path.name}'{what}")
+        if self.dropped:
+            lines.append(self.dropped_note())
+        return lines
+
 
 def check_checkpoint_path(path) -> Path:
     """The path of an existing checkpoint file (before anything is created beside it)."""
@@ -207,7 +221,7 @@ def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False
         raw, wrapper_key = _unwrap(container)
     sd, prefixed = _strip_prefix(raw)
     if arch is None and isinstance(container, nn.Module):
-        return _loaded_module(container, sd, path)
+        return _loaded_module(container, sd, prefixed, path)
     if arch is None:
         sd, backbone_prefix, dropped = split_training_wrapper(sd)
         arch, source = infer_architecture(sd, f"'{path.name}'"), "inferred"
@@ -230,16 +244,22 @@ def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False
                             dropped=dropped)
 
 
-def _loaded_module(container: nn.Module, sd: dict, path: Path) -> LoadedCheckpoint:
-    """A trusted pickled module used as it is (its backbone, for a training wrapper)."""
-    backbone_sd, backbone_prefix, dropped = split_training_wrapper(sd)
+def _loaded_module(container: nn.Module, sd: dict, prefixed: bool, path: Path) -> LoadedCheckpoint:
+    """A trusted pickled module used as it is: its ``.module`` under a DataParallel/DDP wrapper,
+    its backbone under a training wrapper.  Its layout is matched only to name it in reports."""
     model = container
-    if backbone_prefix:
-        model = getattr(container, BACKBONE_PREFIX.rstrip("."), None)
-        if not isinstance(model, nn.Module):
-            model, backbone_sd, backbone_prefix, dropped = container, sd, "", {}
+    if prefixed and isinstance(getattr(container, "module", None), nn.Module):
+        model = container.module
+    else:
+        prefixed = False
+    backbone_sd, backbone_prefix, dropped = split_training_wrapper(sd)
+    backbone = getattr(model, BACKBONE_PREFIX.rstrip("."), None) if backbone_prefix else None
+    if isinstance(backbone, nn.Module):
+        model = backbone
+    else:
+        backbone_sd, backbone_prefix, dropped = sd, "", {}
     matches = matching_architectures(backbone_sd)
-    return LoadedCheckpoint(model.eval(), container, None, False, path,
+    return LoadedCheckpoint(model.eval(), container, None, prefixed, path,
                             arch=matches[0] if len(matches) == 1 else None, arch_source="pickled",
                             backbone_prefix=backbone_prefix, dropped=dropped)
 

@@ -53,6 +53,45 @@ def check_writable_dir(path: Path) -> Path:
     return path
 
 
+def default_output_dir(checkpoint: str | os.PathLike) -> Path:
+    """``<folder>/<stem>_export``: beside the checkpoint and named after it."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}_export")
+
+
+def resolve_input_shape(arch: Optional[str], input_shape: Optional[Sequence[int]],
+                        dynamic_batch: Optional[bool]) -> tuple[tuple[int, ...], bool, str]:
+    """``(shape, dynamic_batch, how it was chosen)``: the given shape, or the architecture's
+    native one with a dynamic batch (``dynamic_batch=None``: dynamic only for the native default)."""
+    from sn_deploy.models import native_input_shape
+
+    if input_shape is not None:
+        return tuple(input_shape), bool(dynamic_batch), "given"
+    native = native_input_shape(arch) if arch else None
+    if native is None:
+        raise InputError(f"no native input shape is known for "
+                         f"{f'--arch {arch}' if arch else 'this model'}; pass --input-shape "
+                         "(e.g. 1x3x224x224)")
+    return native, dynamic_batch is not False, f"the native size of {arch}"
+
+
+def _shape_text(shape: Sequence[int], dynamic_batch: bool) -> str:
+    return "x".join(map(str, shape)) + (" (batch dynamic)" if dynamic_batch else "")
+
+
+@contextlib.contextmanager
+def _remove_if_created_and_empty(path: Path) -> Iterator[None]:
+    """A failed run leaves no empty folder it created (e.g. the default one beside a checkpoint)."""
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only succeeds when empty
+        raise
+
+
 @contextlib.contextmanager
 def _rollback_on_error(written: list[Path]) -> Iterator[None]:
     try:
@@ -66,11 +105,11 @@ def _rollback_on_error(written: list[Path]) -> Iterator[None]:
 
 def run_export(
     checkpoint: str,
-    arch: str,
-    input_shape: Sequence[int],
-    output_dir: str | os.PathLike,
+    arch: Optional[str] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    output_dir: Optional[str | os.PathLike] = None,
     *,
-    dynamic_batch: bool = False,
+    dynamic_batch: Optional[bool] = None,
     dynamic_spatial: bool = False,
     opset: int = 18,
     target: str = "onnxruntime",
@@ -86,7 +125,31 @@ def run_export(
     rtol: float = 1e-4,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Run the whole export job; returns what was written and the parity report."""
+    """Run the whole export job; returns what was written and the parity report.
+
+    Only ``checkpoint`` is required: ``arch`` is then inferred from its keys and shapes,
+    ``input_shape`` is the architecture's native size with a dynamic batch, and ``output_dir`` is
+    :func:`default_output_dir`; each inferred choice is logged.
+    """
+    from sn_deploy.checkpoint import check_checkpoint_path
+
+    if target not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"unknown --target '{target}': use onnxruntime or tensorrt")
+    check_checkpoint_path(checkpoint)
+    out = Path(output_dir) if output_dir is not None else default_output_dir(checkpoint)
+    with _remove_if_created_and_empty(out):
+        return _run_export(
+            checkpoint, arch, input_shape, out, output_dir is None, dynamic_batch=dynamic_batch,
+            dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
+            trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual,
+            cpu_optimize=cpu_optimize, triton_repo=triton_repo, model_name=model_name,
+            validate_inputs=validate_inputs, atol=atol, rtol=rtol, log=log)
+
+
+def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, dynamic_batch,
+                dynamic_spatial, opset, target, calibration, trust_pickle, fuse, fuse_residual,
+                cpu_optimize, triton_repo, model_name, validate_inputs, atol, rtol,
+                log) -> ExportResult:
     from sn_deploy import calibrate as calib
     from sn_deploy import validate as val
     from sn_deploy.checkpoint import load_checkpoint
@@ -96,10 +159,16 @@ def run_export(
     from sn_deploy.passes.fuse import fuse_model
     from sn_deploy.report import write_reports
 
-    if target not in ("onnxruntime", "tensorrt"):
-        raise InputError(f"unknown --target '{target}': use onnxruntime or tensorrt")
-    out = check_writable_dir(Path(output_dir))
+    out = check_writable_dir(out)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    for line in loaded.notes():
+        log(line)
+    input_shape, dynamic_batch, how = resolve_input_shape(loaded.arch or arch, input_shape,
+                                                          dynamic_batch)
+    if how != "given":
+        log(f"input: {_shape_text(input_shape, dynamic_batch)}, {how} (--input-shape to change)")
+    if default_out:
+        log(f"output folder: {out} (--output-dir to change)")
     model = loaded.model.eval()
     result = ExportResult(output_dir=out)
     result.num_sn_layers = len(switch_norm_layers(model))

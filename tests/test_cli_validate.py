@@ -64,7 +64,8 @@ def _cases(d: Path) -> dict[str, list[str]]:
         "unfit_input_shape": base + good + ["--input-shape", "1x3x8x8"],
         "dynamic_spatial": base + ["--onnx", str(d / "dyn.onnx")],
         "unwritable_json": base + good + ["--json", "/proc/forbidden/r.json"],
-        "usage": [str(d / "ckpt.pth"), "--onnx", str(d / "model.onnx")],   # no --arch
+        "usage": [str(d / "ckpt.pth"), "--arhc", "demo_sn_net", "--onnx", str(d / "model.onnx")],
+        "inferred_arch": [str(d / "ckpt.pth"), "--onnx", str(d / "model.onnx")],   # no --arch
     }
 
 
@@ -130,4 +131,10 @@ def test_bad_input_exits_2_with_one_line(runs, case, pattern):
 def test_usage_error_exits_2(runs):
     _, results = runs
     code, out, err = results["usage"]
-    assert code == 2 and "--arch" in err and "Traceback" not in err
+    assert code == 2 and "--arhc" in err and "Traceback" not in err
+
+
+def test_arch_inferred_from_the_checkpoint(runs):
+    code, out, err = runs[1]["inferred_arch"]
+    assert code == 0, err
+    assert "arch: demo_sn_net, inferred from the keys and shapes of 'ckpt.pth'" in out

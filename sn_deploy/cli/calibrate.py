@@ -15,7 +15,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def calibrate(
     checkpoint: Path = typer.Argument(..., help="input checkpoint (.pth)"),
-    arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="registered name or package.module:factory; default: inferred from "
+                             "the checkpoint's keys and shapes"),
     data: str = typer.Option(..., "--data", help=".npy/.npz array (N,C,H,W) or an image folder"),
     output: Path = typer.Option(..., "--output", "-o", help="calibrated checkpoint to write"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="B (recipe default 32)"),
@@ -72,6 +74,9 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     if report is not None:
         check_writable_dir(report.parent)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    if rank == 0:
+        for line in loaded.notes():
+            typer.echo(line)
     state = state_path(output, rank, world)
     result = calibrate_from_data(loaded.model, data, recipe=rec, batch_size=batch_size,
                                  num_batches=num_batches, order=order, seed=seed,

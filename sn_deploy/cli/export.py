@@ -14,10 +14,18 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="checkpoint (.pth): state_dict, official dict, or DDP"),
-    arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
-    input_shape: str = typer.Option(..., "--input-shape", help="e.g. 1x3x224x224"),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="folder for the exported files"),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="batch axis dynamic"),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="registered name or package.module:factory; default: inferred from "
+                             "the checkpoint's keys and shapes"),
+    input_shape: Optional[str] = typer.Option(
+        None, "--input-shape", help="e.g. 1x3x224x224; default: the architecture's native size "
+                                    "with a dynamic batch"),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir", "-o", help="folder for the exported files; default: "
+                                         "CHECKPOINT_STEM_export beside the checkpoint"),
+    dynamic_batch: Optional[bool] = typer.Option(
+        None, "--dynamic-batch/--static-batch",
+        help="batch axis dynamic (default: static with --input-shape, dynamic without)"),
     dynamic_spatial: bool = typer.Option(False, "--dynamic-spatial", help="spatial axes dynamic"),
     opset: int = typer.Option(18, "--opset", help="default-domain opset (17 or newer)"),
     target: str = typer.Option("onnxruntime", "--target", help="onnxruntime | tensorrt"),
@@ -46,7 +54,7 @@ def export(
     from sn_deploy.pipeline import CalibrationOptions, run_export
     from sn_deploy.report import render_table
 
-    shape = parse_shape(input_shape)
+    shape = parse_shape(input_shape) if input_shape is not None else None
     calibration = None
     if calibrate_data is not None:
         calibration = CalibrationOptions(calibrate_data, calibrate_batch_size,

@@ -91,7 +91,9 @@ def _check_report_path(path: Optional[Path], option: str) -> None:
 @app.command()
 def validate(
     checkpoint: Path = typer.Argument(..., help="checkpoint (.pth) of the PyTorch reference"),
-    arch: str = typer.Option(..., "--arch", help="registered name or package.module:factory"),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="registered name or package.module:factory; default: inferred from "
+                             "the checkpoint's keys and shapes"),
     onnx_models: List[Path] = typer.Option([], "--onnx", help="ONNX model (repeatable)"),
     engines: List[Path] = typer.Option([], "--engine", help="TensorRT engine (repeatable)"),
     plugin_lib: Optional[Path] = typer.Option(None, "--plugin-lib",
@@ -152,7 +154,10 @@ def validate(
             fail("--engine needs --plugin-lib pointing at libsn_trt_plugin.so")
         runners = [EngineRunner(e, plugin_lib) for e in engines]
 
-    model = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle).model
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    for line in loaded.notes():
+        typer.echo(line)
+    model = loaded.model
     report = run_validation(model, onnx_models, x, atol=atol, rtol=rtol, per_layer=per_layer,
                             threads=threads, extra_runners=runners)
     typer.echo(render_table(report))
