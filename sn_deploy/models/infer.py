@@ -142,3 +142,9 @@ def _family_label(names: Sequence[str]) -> str:
         stem, depth = ((m.group(1), m.group(3)), m.group(2)) if m else ((name, ""), "")
         groups.setdefault(stem, []).append(depth)
     return ", ".join(f"{head}{'/'.join(depths)}{tail}" for (head, tail), depths in groups.items())
+
+
+def clear_cache() -> None:
+    """Forget the cached signatures and families (after the registry has changed)."""
+    for cached in (signature, _families, _family_top_names):
+        cached.cache_clear()
