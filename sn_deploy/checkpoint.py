@@ -67,12 +67,6 @@ class LoadedCheckpoint:
     backbone_prefix: str = ""     # 'basemodel.' when the model is a training wrapper's backbone
     dropped: dict = field(default_factory=dict)  # keys outside the backbone, kept for writing back
 
-    def describe(self) -> dict:
-        """What was loaded, for reports."""
-        return {"path": str(self.path), "arch": self.arch, "arch_source": self.arch_source,
-                "backbone_prefix": self.backbone_prefix or None,
-                "dropped_keys": list(self.dropped)}
-
     def dropped_note(self) -> Optional[str]:
         """One line naming the keys that were set aside, or None."""
         if not self.dropped:
