@@ -168,10 +168,6 @@ class FaceResNet(nn.Module):
         return F.normalize(self.output_layer(x), p=2.0, dim=1)
 
 
-def face_resnet(depth: int, use_se: bool = False, norm: str = "sn") -> FaceResNet:
-    return FaceResNet(depth, use_se=use_se, norm=norm)
-
-
 def _factory(depth: int, use_se: bool) -> Callable[..., FaceResNet]:
     def build(norm: str = "sn") -> FaceResNet:
         return FaceResNet(depth, use_se=use_se, norm=norm)
