@@ -8,7 +8,10 @@ SN layers computing batch statistics, and use the pooled statistics
     running_var  = mean_i(var_bn_i + mean_bn_i²) − running_mean²   (pooled, not mean_i(var_bn_i))
 
 computed here in float64 in the cancellation-free form ``mean_i(var_bn_i) +
-mean_i((mean_bn_i − running_mean)²)``.  Only the SN layers run in training mode (so later layers
+mean_i((mean_bn_i − running_mean)²)``.  The pass runs on any device (:mod:`sn_deploy.device`): the
+model and batches go there, the float64 sums stay there (on the CPU for MPS, which has no float64),
+CUDA convolutions run in IEEE float32 (not TF32) so the statistics equal the CPU's to ~1e-6, and
+the results are written back into the model where it was.  Only the SN layers run in training mode (so later layers
 see batch-normalized activations, as in the official procedure); dropout and plain BatchNorm stay
 in eval, and no parameter changes.  ``precise_bn=True`` batch-averages plain BatchNorm layers with
 the same pooled rule: they too normalize with batch statistics during the pass (as SN does, so later
@@ -23,13 +26,15 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sn_deploy.atomic import atomic_write
+from sn_deploy.device import (DeviceSpec, ieee_fp32, moments_dtype, resolve_device,
+                              statistics_device, synchronize)
 from sn_deploy.errors import InputError
 from sn_deploy.nn import BATCH_NORM_TYPES, DegenerateInputError, _SwitchNorm, switch_norm_layers
 
@@ -42,27 +47,29 @@ class _PooledStats:
     not cancel) and the same on every rank, so the sums of several processes simply add up.
     """
 
-    def __init__(self, shift: torch.Tensor) -> None:
+    def __init__(self, shift: torch.Tensor, device: torch.device) -> None:
         self.count = 0
+        self.device = device
         # a non-finite stored mean (broken checkpoint) must not poison the sums
-        self.shift = shift.detach().double().reshape(-1).nan_to_num(0.0, 0.0, 0.0)
+        self.shift = shift.detach().to(device).double().reshape(-1).nan_to_num(0.0, 0.0, 0.0)
         self.sum_mean = torch.zeros_like(self.shift)
         self.sum_var = torch.zeros_like(self.shift)
         self.sum_sq = torch.zeros_like(self.shift)
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, rank_device: torch.device) -> None:
         """Add up the sums of every rank (torch.distributed), once, at the end."""
-        import torch.distributed as dist
+        from sn_deploy.distributed import all_reduce_sum
 
-        packed = torch.cat([self.sum_mean, self.sum_var, self.sum_sq,
-                            torch.tensor([float(self.count)], dtype=torch.float64)])
-        dist.all_reduce(packed)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        packed = all_reduce_sum(torch.cat([self.sum_mean, self.sum_var, self.sum_sq, count]),
+                                rank_device)
         n = self.shift.numel()
         self.sum_mean, self.sum_var, self.sum_sq = packed[:n], packed[n:2 * n], packed[2 * n:3 * n]
         self.count = int(round(packed[-1].item()))
 
     def add(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        mean, var = mean.detach().double().reshape(-1), var.detach().double().reshape(-1)
+        mean = mean.detach().to(self.device).double().reshape(-1)
+        var = var.detach().to(self.device).double().reshape(-1)
         d = mean - self.shift
         self.sum_mean += d
         self.sum_var += var
@@ -70,21 +77,24 @@ class _PooledStats:
         self.count += 1
 
     def state(self) -> dict:
-        return {"count": self.count, "shift": self.shift, "sum_mean": self.sum_mean,
-                "sum_var": self.sum_var, "sum_sq": self.sum_sq}
+        """The sums as CPU tensors (a state file must load on any machine)."""
+        return {"count": self.count, "shift": self.shift.cpu(), "sum_mean": self.sum_mean.cpu(),
+                "sum_var": self.sum_var.cpu(), "sum_sq": self.sum_sq.cpu()}
 
     def restore(self, state: dict) -> None:
         if state["shift"].shape != self.shift.shape:
             raise InputError("the calibration state does not match the model's layer sizes; "
                              "delete it to start over")
         self.count = int(state["count"])
-        self.shift, self.sum_mean = state["shift"].double(), state["sum_mean"].double()
-        self.sum_var, self.sum_sq = state["sum_var"].double(), state["sum_sq"].double()
+        self.shift, self.sum_mean, self.sum_var, self.sum_sq = (
+            state[k].to(self.device).double() for k in ("shift", "sum_mean", "sum_var", "sum_sq"))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled mean and variance, float64 on the CPU."""
         k = self.count
         md = self.sum_mean / k
-        return self.shift + md, self.sum_var / k + (self.sum_sq / k - md * md).clamp_min(0)
+        mean, var = self.shift + md, self.sum_var / k + (self.sum_sq / k - md * md).clamp_min(0)
+        return mean.cpu(), var.cpu()
 
 
 @dataclass
@@ -105,6 +115,7 @@ class CalibrationResult:
     seconds: float
     layers: list[LayerCalibration] = field(default_factory=list)
     resumed_from: int = 0  # batches taken from a saved state instead of being run again
+    device: str = "cpu"  # where the pass ran (one rank's device in a distributed run)
 
     @property
     def images_per_second(self) -> float:
@@ -114,7 +125,7 @@ class CalibrationResult:
         return {
             "num_batches": self.num_batches, "num_samples": self.num_samples,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1),
-            "resumed_from_batch": self.resumed_from,
+            "resumed_from_batch": self.resumed_from, "device": self.device,
             "layers": [vars(layer) for layer in self.layers],
         }
 
@@ -184,10 +195,10 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _bn_batch_stats(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and unbiased variance (torch's running_var convention)."""
     dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(x.double(), dim=dims, unbiased=True)
+    var, mean = torch.var_mean(x.to(moments_dtype(x.device)), dim=dims, unbiased=True)
     return mean, var
 
 
@@ -220,18 +231,24 @@ def calibrate_batch_average(
     progress: bool = True,
     distributed: bool = False,
     resume: Optional[ResumeState] = None,
+    device: DeviceSpec = None,
 ) -> CalibrationResult:
     """Set every SN layer's running stats (and BN's, with precise_bn) to batch averages, in place.
 
-    ``num_batches`` is the number of batches this process runs.  ``distributed``: this process
-    is one rank of an initialized torch.distributed group and ``batches`` holds its share of the
-    K batches; the sums (and batch counts) are all-reduced once at the end, so every rank ends
-    with the statistics of all K batches.  ``resume``: partial sums are saved
-    every ``resume.every`` batches; ``batches`` must then yield only the batches not yet done
-    (see :func:`calibrate_from_data`).
+    ``num_batches`` is the number of batches this process runs.  ``device``: where the pass runs
+    (None: where the model's parameters are); the model goes there for the pass and comes back
+    with its new statistics, and batches are copied there without blocking (pin them for that).
+    ``distributed``: this process is one rank of an initialized torch.distributed group and
+    ``batches`` holds its share of the K batches; the sums (and batch counts) are all-reduced once
+    at the end, on the backend's device, so every rank ends with the statistics of all K batches.
+    ``resume``: partial sums are saved every ``resume.every`` batches; ``batches`` must then
+    yield only the batches not yet done (see :func:`calibrate_from_data`).
     """
     sn_layers, bn_layers = _calibrated_layers(model, precise_bn)
-    stats = {n: _PooledStats(m.running_mean) for n, m in sn_layers + bn_layers}
+    home = next((t.device for t in _tensors(model)), torch.device("cpu"))
+    device = home if device is None else resolve_device(device)
+    stats_on = statistics_device(device)
+    stats = {n: _PooledStats(m.running_mean, stats_on) for n, m in sn_layers + bn_layers}
     done, samples, previous_seconds = 0, 0, 0.0
     saved = resume.saved if resume is not None else None
     if saved is not None:
@@ -243,7 +260,6 @@ def calibrate_batch_average(
     was_training = {m: m.training for m in model.modules()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     observers = {m: m.batch_stats_observer for _, m in sn_layers}
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
     hooks = []
 
     def sn_observer(layer: _SwitchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -251,6 +267,7 @@ def calibrate_batch_average(
 
     names = {m: n for n, m in sn_layers}
     try:
+        model.to(device)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -259,36 +276,28 @@ def calibrate_batch_average(
             m.batch_stats_observer = sn_observer
         for name, m in bn_layers:
             def hook(mod, args, output, name=name):
-                stats[name].add(*_bn_batch_stats(mod, args[0]))
+                stats[name].add(*_bn_batch_stats(args[0]))
                 return _bn_train_forward(mod, args[0])
             hooks.append(m.register_forward_hook(hook))
         start = time.perf_counter()
         failure: Optional[InputError] = None
         iterator = _progress(batches, num_batches, progress, done)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), ieee_fp32(device):
                 for i, batch in enumerate(iterator, start=done):
                     if i >= num_batches:
                         break
-                    try:
-                        model(batch.to(device))
-                    except DegenerateInputError as exc:
-                        raise InputError(f"calibration batch {i}: {exc}") from None
-                    except (RuntimeError, ValueError) as exc:
-                        first = str(exc).strip().splitlines()[0][:200]
-                        raise InputError(
-                            f"the model rejects calibration batch {i} of shape "
-                            f"{tuple(batch.shape)} ({first}); check --data and the "
-                            "preprocessing") from None
+                    _forward(model, batch, i, device)
                     samples += int(batch.shape[0])
                     done = i + 1
                     if resume is not None and done % resume.every == 0:
                         resume.save(done, samples, previous_seconds + time.perf_counter() - start,
                                     stats)
+            synchronize(device)  # the timing covers the device's queued work
         except InputError as exc:
             failure = exc
         if distributed:
-            _agree_on_failure(failure)
+            _agree_on_failure(failure, device)
         if failure is not None:
             raise failure
         seconds = previous_seconds + time.perf_counter() - start
@@ -301,47 +310,77 @@ def calibrate_batch_average(
             m.train(t)
         for p, r in requires_grad.items():
             p.requires_grad_(r)
+        model.to(home)
 
     if distributed:
-        import torch.distributed as dist
-
         for s in stats.values():
-            s.all_reduce()
-        totals = torch.tensor([float(samples), float(num_batches)], dtype=torch.float64)
-        dist.all_reduce(totals)
-        samples, num_batches = int(totals[0].item()), int(totals[1].item())
+            s.all_reduce(device)
+        totals = _all_reduce([float(samples), float(num_batches)], device)
+        samples, num_batches = int(totals[0]), int(totals[1])
     got = min((s.count for s in stats.values()), default=num_batches)
     if stats and got < num_batches:
         raise InputError(f"calibration got only {got} of {num_batches} batches from the data")
-    result = CalibrationResult(num_batches=num_batches, num_samples=samples, seconds=seconds)
-    for name, m in sn_layers + bn_layers:
-        mean, var = stats[name].result()
-        old_m = m.running_mean.detach().double().reshape(-1)
-        old_v = m.running_var.detach().double().reshape(-1)
-        with torch.no_grad():
-            m.running_mean.copy_(mean.reshape(m.running_mean.shape))
-            m.running_var.copy_(var.reshape(m.running_var.shape))
-        entry = LayerCalibration(
-            name=name, kind=type(m).__name__, batches=stats[name].count,
-            mean_abs_change_mean=float((mean - old_m).abs().mean()),
-            mean_abs_change_var=float((var - old_v).abs().mean()),
-        )
-        if isinstance(m, _SwitchNorm):
-            mw, vw = (w.detach().tolist() for w in m.mixing_weights())
-            entry.mean_weights = dict(zip(m.branch_names, mw))
-            entry.var_weights = dict(zip(m.branch_names, vw))
-        result.layers.append(entry)
+    result = CalibrationResult(num_batches=num_batches, num_samples=samples, seconds=seconds,
+                               device=str(device))
+    result.layers = [_store(name, m, *stats[name].result(), stats[name].count)
+                     for name, m in sn_layers + bn_layers]
     return result
 
 
-def _agree_on_failure(failure: Optional[InputError]) -> None:
-    """Every rank learns whether any rank failed, so none waits forever in the final all-reduce."""
-    import torch.distributed as dist
+def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
 
-    flag = torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64)
-    dist.all_reduce(flag)
-    if failure is None and flag.item() > 0:
-        raise InputError(f"{int(flag.item())} other rank(s) failed; see their error above")
+
+def _forward(model: nn.Module, batch: torch.Tensor, i: int, device: torch.device) -> None:
+    """One calibration forward; what the model or the device refuses becomes one InputError."""
+    try:
+        model(batch.to(device, non_blocking=True))
+    except DegenerateInputError as exc:
+        raise InputError(f"calibration batch {i}: {exc}") from None
+    except torch.OutOfMemoryError:
+        raise InputError(f"calibration batch {i} of shape {tuple(batch.shape)} does not fit in "
+                         f"the memory of {device}; use smaller batches") from None
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise InputError(
+            f"the model rejects calibration batch {i} of shape "
+            f"{tuple(batch.shape)} ({first}); check --data and the "
+            "preprocessing") from None
+
+
+def _store(name: str, m: nn.Module, mean: torch.Tensor, var: torch.Tensor,
+           batches: int) -> LayerCalibration:
+    """Write a layer's pooled statistics (float64, CPU) into its buffers; report the change."""
+    old_m = m.running_mean.detach().cpu().double().reshape(-1)
+    old_v = m.running_var.detach().cpu().double().reshape(-1)
+    with torch.no_grad():
+        m.running_mean.copy_(mean.reshape(m.running_mean.shape))
+        m.running_var.copy_(var.reshape(m.running_var.shape))
+    entry = LayerCalibration(
+        name=name, kind=type(m).__name__, batches=batches,
+        mean_abs_change_mean=float((mean - old_m).abs().mean()),
+        mean_abs_change_var=float((var - old_v).abs().mean()),
+    )
+    if isinstance(m, _SwitchNorm):
+        mw, vw = (w.detach().tolist() for w in m.mixing_weights())
+        entry.mean_weights = dict(zip(m.branch_names, mw))
+        entry.var_weights = dict(zip(m.branch_names, vw))
+    return entry
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over every rank (float64, exact for counts)."""
+    from sn_deploy.distributed import all_reduce_sum
+
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64), device).tolist()
+
+
+def _agree_on_failure(failure: Optional[InputError], device: torch.device) -> None:
+    """Every rank learns whether any rank failed, so none waits forever in the final all-reduce."""
+    failed = _all_reduce([1.0 if failure is not None else 0.0], device)[0]
+    if failure is None and failed > 0:
+        raise InputError(f"{int(failed)} other rank(s) failed; see their error above")
 
 
 def calibrate_from_data(
@@ -360,6 +399,8 @@ def calibrate_from_data(
     workers: Optional[int] = None,
     state_path: Optional[Path] = None,
     checkpoint_every: int = 0,
+    device: DeviceSpec = None,
+    distributed: Optional[bool] = None,
 ) -> CalibrationResult:
     """Calibrate on ``data`` (array file or image folder): the recipe (a path, a loaded Recipe, or
     None for the defaults) supplies preprocessing and any batch size/count not given; with
@@ -368,10 +409,13 @@ def calibrate_from_data(
     ``workers``: DataLoader worker processes decoding images (default: up to 4 for image
     folders, none for arrays).  ``checkpoint_every`` N > 0 saves the partial sums to
     ``state_path`` every N batches; a run that finds a matching state file resumes after the
-    batches it records.
+    batches it records.  ``device``: where the pass runs (None: CUDA when visible, else the
+    CPU); batches are pinned for it when it is a GPU.  ``distributed`` (default ``world > 1``):
+    all-reduce across the initialized process group, also with one rank.
     """
     from sn_deploy.data import Recipe, batches, load_recipe, open_source
 
+    device = resolve_device(device)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     b, k = batch_size or rec.batch_size, num_batches or rec.num_batches
     if checkpoint_every < 0:
@@ -390,9 +434,12 @@ def calibrate_from_data(
     # this rank's i-th batch is batch i·world + rank of the plan; skip the ones already done
     keep = lambda i: i % world == rank and i // world >= done  # noqa: E731
     local = len(range(rank, k, world))
+    planned = batches(source, b, k, order=order, seed=seed, keep=keep, workers=workers,
+                      pin_memory=device.type == "cuda")
     result = calibrate_batch_average(
-        model, batches(source, b, k, order=order, seed=seed, keep=keep, workers=workers),
-        local, precise_bn=precise_bn, progress=progress, distributed=world > 1, resume=resume)
+        model, planned, local, precise_bn=precise_bn, progress=progress,
+        distributed=world > 1 if distributed is None else distributed, resume=resume,
+        device=device)
     result.num_batches = k
     result.resumed_from = done
     return result

@@ -191,8 +191,8 @@ class _PlannedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         k, indices = self.plan[j]
-        try:
-            return k, self.source.get(indices), ""
+        try:  # a tensor, so the loader can pin it
+            return k, torch.from_numpy(self.source.get(indices)), ""
         except InputError as exc:
             return k, None, str(exc)
 
@@ -210,13 +210,15 @@ def default_workers(source) -> int:
 
 def batches(source, batch_size: int, num_batches: int, order: str = "sequential",
             seed: int = 0, keep: Optional[Callable[[int], bool]] = None,
-            workers: Optional[int] = None) -> Iterator[torch.Tensor]:
+            workers: Optional[int] = None, pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """K batches of B samples as float32 tensors; refuses too little data up front.
 
     ``keep(k)`` selects which of the K batches this process loads (distributed calibration: the
     batch plan is the same on every rank, each rank keeps its share; a resumed run skips the
     batches it has done).  ``workers`` > 0 loads them in that many DataLoader worker processes,
-    in plan order (default: :func:`default_workers`).
+    in plan order (default: :func:`default_workers`).  ``pin_memory``: batches come in
+    page-locked memory (the loader's pinning thread, or here), so a GPU copies them without
+    blocking; it needs CUDA.
     """
     if batch_size < 2:
         raise InputError("--batch-size must be at least 2: BN statistics of one sample are "
@@ -242,15 +244,16 @@ def batches(source, batch_size: int, num_batches: int, order: str = "sequential"
     plan = [(k, picked[k * batch_size:(k + 1) * batch_size]) for k in range(num_batches)
             if keep is None or keep(k)]
     if workers == 0 or len(plan) < 2:
-        loaded = ((k, source.get(indices), "") for k, indices in plan)
+        loaded = ((k, torch.from_numpy(source.get(indices)), "") for k, indices in plan)
     else:
         loaded = iter(torch.utils.data.DataLoader(
             _PlannedBatches(source, plan), batch_size=None, shuffle=False,
-            num_workers=min(workers, len(plan)), collate_fn=_as_is))
+            num_workers=min(workers, len(plan)), collate_fn=_as_is, pin_memory=pin_memory))
+        pin_memory = False  # the loader's thread pins
     for k, batch, error in loaded:
         if error:
             raise InputError(error)
-        if not np.isfinite(batch).all():
+        if not torch.isfinite(batch).all():
             raise InputError(f"calibration batch {k} holds NaN or infinite values; "
                              "clean the data (statistics would be NaN)")
-        yield torch.from_numpy(batch)
+        yield batch.pin_memory() if pin_memory else batch

@@ -23,6 +23,7 @@ class CalibrationOptions:
     order: str = "random"
     seed: int = 0
     recipe: Optional[str] = None
+    device: object = None  # str | torch.device | None: where the pass runs (None: CUDA if visible)
 
 
 @dataclass
@@ -160,6 +161,10 @@ def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, 
     from sn_deploy.report import write_reports
 
     out = check_writable_dir(out)
+    if calibration is not None:  # a device that cannot be used fails before the slow work
+        from sn_deploy.device import resolve_device
+
+        calibration_device = resolve_device(calibration.device)
     loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
     for line in loaded.notes():
         log(line)
@@ -178,9 +183,11 @@ def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, 
     if calibration is not None:
         result.calibration = calib.calibrate_from_data(
             model, calibration.data, recipe=calibration.recipe, batch_size=calibration.batch_size,
-            num_batches=calibration.num_batches, order=calibration.order, seed=calibration.seed)
+            num_batches=calibration.num_batches, order=calibration.order, seed=calibration.seed,
+            device=calibration_device)
         log(f"calibrated {result.num_sn_layers} SN layers on {calibration.num_batches} batches "
-            f"of {calibration.batch_size}")
+            f"of {calibration.batch_size} on {result.calibration.device} "
+            f"({result.calibration.images_per_second:.0f} images/s)")
 
     written: list[Path] = []
     with _rollback_on_error(written):

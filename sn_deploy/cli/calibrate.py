@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sn_deploy.cli.common import run_app
+from sn_deploy.cli.common import device_option, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -41,14 +41,19 @@ def calibrate(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every",
                                          help="save partial sums every N batches to "
                                               "OUTPUT.calib-state; a rerun resumes from it"),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="cpu, cuda, cuda:N or mps (default: cuda when "
+                                              "visible, else cpu; under torchrun each rank "
+                                              "takes cuda:LOCAL_RANK)"),
 ) -> None:
     from sn_deploy.distributed import init_from_env, shutdown
 
-    rank, world = init_from_env() if distributed else (0, 1)
+    where = device_option(device, distributed)
+    rank, world = init_from_env(where) if distributed else (0, 1)
     try:
         _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                    precise_bn, trust_pickle, report, quiet or rank != 0, rank, world, workers,
-                   checkpoint_every)
+                   checkpoint_every, device=where, distributed=distributed)
     finally:
         if distributed:
             shutdown()
@@ -62,7 +67,7 @@ def state_path(output: Path, rank: int, world: int) -> Path:
 
 def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                precise_bn, trust_pickle, report, quiet, rank, world, workers,
-               checkpoint_every) -> None:
+               checkpoint_every, device=None, distributed=False) -> None:
     from sn_deploy.atomic import atomic_write
     from sn_deploy.calibrate import calibrate_from_data
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
@@ -82,7 +87,8 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
                                  num_batches=num_batches, order=order, seed=seed,
                                  precise_bn=precise_bn, progress=not quiet, rank=rank, world=world,
                                  workers=workers, state_path=state,
-                                 checkpoint_every=checkpoint_every)
+                                 checkpoint_every=checkpoint_every, device=device,
+                                 distributed=distributed)
     k = result.num_batches
     b = result.num_samples // k
     if result.resumed_from and rank == 0:
@@ -93,8 +99,8 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
         if report is not None:
             atomic_write(report, report_text)
         typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
-                   f"process{'es' if world > 1 else ''} ({result.images_per_second:.0f} "
-                   f"images/s); wrote {output}")
+                   f"process{'es' if world > 1 else ''} on {result.device} "
+                   f"({result.images_per_second:.0f} images/s); wrote {output}")
     if world > 1:  # every rank's state stays until rank 0 has written the result
         import torch.distributed as dist
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 import typer
 
 from sn_deploy.errors import SnDeployError
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,3 +45,16 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     return main
+
+
+def device_option(spec: Optional[str], distributed: bool = False) -> "torch.device":
+    """``--device``: resolved and checked before any slow work; under torchrun (``distributed``)
+    a bare ``cuda`` is each rank's ``cuda:LOCAL_RANK``.  The library's message names its
+    ``device`` parameter; here it names the flag."""
+    from sn_deploy.device import DeviceError, resolve_device, torchrun_local_rank
+
+    local = torchrun_local_rank() if distributed else (None, 1)
+    try:
+        return resolve_device(spec, *local)
+    except DeviceError as exc:
+        raise SnDeployError(f"--{exc}") from None

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from sn_deploy.cli.common import EXIT_FAILED, run_app
+from sn_deploy.cli.common import EXIT_FAILED, device_option, run_app
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -34,6 +34,9 @@ def export(
     calibrate_batch_size: int = typer.Option(32, "--calibrate-batch-size"),
     calibrate_num_batches: int = typer.Option(200, "--calibrate-num-batches"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="calibration recipe (YAML)"),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="where --calibrate-data runs: cpu, cuda, cuda:N "
+                                              "or mps (default: cuda when visible, else cpu)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="allow a pickled nn.Module (runs code from the file)"),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
@@ -58,7 +61,8 @@ def export(
     calibration = None
     if calibrate_data is not None:
         calibration = CalibrationOptions(calibrate_data, calibrate_batch_size,
-                                         calibrate_num_batches, recipe=recipe)
+                                         calibrate_num_batches, recipe=recipe,
+                                         device=device_option(device))
     result = run_export(
         str(checkpoint), arch, shape, output_dir, dynamic_batch=dynamic_batch,
         dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
