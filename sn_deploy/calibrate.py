@@ -183,7 +183,7 @@ class ResumeState:
         torch.save({"version": STATE_VERSION, "fingerprint": self.fingerprint, "done": done,
                     "samples": samples, "seconds": seconds,
                     "stats": {name: st.state() for name, st in stats.items()}}, buf)
-        atomic_write(self.path, buf.getvalue())
+        atomic_write(self.path, buf.getvalue(), keep_on_failure=True)  # for the rerun
 
 
 def model_fingerprint(model: nn.Module) -> str:

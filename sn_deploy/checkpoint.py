@@ -288,10 +288,7 @@ def save_checkpoint_like(loaded: LoadedCheckpoint, model: nn.Module, path) -> Pa
         payload[loaded.wrapper_key] = _with_weights(inner, sd) if isinstance(inner, nn.Module) else sd
     if not path.parent.is_dir():
         raise CheckpointError(f"output folder '{path.parent}' does not exist; create it first")
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write '{path}' ({exc.strerror or exc}); "
-                              "choose a writable --output") from None
+    # through a Python file: torch's own path writer reports a full disk as a RuntimeError
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path

@@ -5,6 +5,7 @@ Batch order matters for reproducibility: ``sequential`` takes batches 0..K−1 i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -87,28 +88,101 @@ def load_recipe(path: Optional[str]) -> Recipe:
         raise InputError(f"recipe '{path}': {exc}") from None
 
 
+def _npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from a .npy header, reading nothing else."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:  # 3.0 (UTF-8 field names) has no public reader
+            shape, _, dtype = fmt._read_array_header(f, version)
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(f"{where} is not a readable .npy array ({str(exc).splitlines()[0]}); "
+                         "save it with numpy.save") from None
+    return tuple(shape), np.dtype(dtype), f.tell()
+
+
+def _check_npy_header(shape, dtype: np.dtype, data_bytes: int, where: str) -> None:
+    """Refuse before anything is allocated: pickled objects, and headers that lie about size."""
+    if dtype.hasobject:
+        raise InputError(f"{where} holds Python objects (dtype {dtype}): loading them would "
+                         "unpickle, which runs code from the file; save a numeric array, e.g. "
+                         "numpy.save(path, x.astype(numpy.float32))")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > data_bytes:
+        raise InputError(f"{where} is truncated or corrupt: its header says shape {shape} of "
+                         f"{dtype} ({claimed} bytes) but it holds {data_bytes} bytes of data; "
+                         "save it again")
+
+
+def load_array(spec: str, what: str) -> np.ndarray:
+    """A .npy (memory-mapped) or an array of a .npz (``file.npz:name``, default its first).
+
+    Never unpickles and never trusts a header: the claimed size is checked against the file
+    before any allocation. ``what`` names the option in errors (``--inputs 'x.npy'``).
+    """
+    file, key = spec, ""
+    if ".npz:" in spec:
+        file, _, key = spec.rpartition(":")
+    path = Path(file)
+    where = f"{what} '{file}'"
+    with open(path, "rb") as f:
+        magic = f.read(6)
+        if magic.startswith(b"PK"):
+            if path.suffix != ".npz":
+                raise InputError(f"{where} is a zip archive (.npz), not a .npy array; rename it "
+                                 "to .npz (FILE.npz:NAME picks one of its arrays)")
+            return _npz_array(path, key, what)
+        if magic != b"\x93NUMPY":
+            kind = "an empty file" if not magic else "not a NumPy file (a pickle or another format?)"
+            raise InputError(f"{where} is {kind}; give an array saved with numpy.save "
+                             "(.npy) or numpy.savez (.npz)")
+        f.seek(0)
+        shape, dtype, offset = _npy_header(f, where)
+    _check_npy_header(shape, dtype, path.stat().st_size - offset, where)
+    try:
+        mmap = "r" if math.prod(shape) > 0 else None  # a 0-byte map is refused by mmap
+        return np.load(path, mmap_mode=mmap, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{where} is not a readable .npy array ({exc})") from None
+
+
+def _npz_array(path: Path, key: str, what: str) -> np.ndarray:
+    import zipfile
+
+    where = f"{what} '{path}'"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            if not names:
+                raise InputError(f"{where} holds no arrays; save one with "
+                                 "numpy.savez(path, data=array)")
+            if key and key not in names:
+                raise InputError(f"{where} has no array '{key}' (has {', '.join(names)})")
+            member = archive.getinfo((key or names[0]) + ".npy")
+            inner = f"{what} '{path}:{member.filename[:-4]}'"
+            with archive.open(member) as f:
+                shape, dtype, offset = _npy_header(f, inner)
+            _check_npy_header(shape, dtype, member.file_size - offset, inner)
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[key or names[0]]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{where} is not a readable .npz archive ({exc}); save it with "
+                         "numpy.savez") from None
+
+
 class ArraySource:
     """Samples from a .npy / .npz array (memory-mapped for .npy)."""
 
     def __init__(self, path: str):
-        file, key = path, ""
-        if ".npz:" in path:  # file.npz:array_name
-            file, _, key = path.rpartition(":")
-        p = Path(file)
-        if not p.is_file():
+        file = path.rpartition(":")[0] if ".npz:" in path else path
+        if not Path(file).is_file():
             raise InputError(f"calibration data '{file}' not found; give a .npy/.npz file or an "
                              "image folder")
-        try:
-            if p.suffix == ".npz":
-                archive = np.load(p, allow_pickle=False)
-                names = list(archive.files)
-                if key and key not in names:
-                    raise InputError(f"'{file}' has no array '{key}' (has {', '.join(names)})")
-                arr = archive[key or names[0]]
-            else:
-                arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"calibration data '{file}' is not a readable array ({exc})") from None
+        arr = load_array(path, "calibration data")
         if arr.ndim < 2 or not np.issubdtype(arr.dtype, np.number):
             raise InputError(f"calibration data '{file}' has shape {arr.shape} and dtype "
                              f"{arr.dtype}; expected a numeric array (N, C, ...)")

@@ -7,3 +7,9 @@ class SnDeployError(Exception):
 
 class InputError(SnDeployError):
     """Bad user input: a file, a shape, an option value."""
+
+
+class OutputError(SnDeployError, OSError):
+    """An output cannot be written: full disk, read-only file system, no permission.
+
+    Also an OSError, so that code catching the original error still catches it."""

@@ -1,17 +1,18 @@
 """The export job behind ``sn-export``: checkpoint → (calibrate) → model.sn.onnx → model.onnx → parity.
 
-Every file is written atomically; when a step fails, the files this run wrote are removed again, so
-an output directory never holds a half-finished export.
+Every file is written atomically, in one transaction: when a step fails, the files this run wrote
+are removed again, files it replaced get their previous contents back and folders it created are
+removed, so an output directory never holds a half-finished export.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from sn_deploy.atomic import makedirs, transaction, transactional
 from sn_deploy.errors import InputError
 
 
@@ -40,10 +41,15 @@ class ExportResult:
 
 
 def check_writable_dir(path: Path) -> Path:
-    """Create the output folder and prove it is writable before any work is done."""
+    """Create the output folder and prove it is writable before any work is done.
+
+    A folder created here is removed again if the surrounding transaction fails.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output directory '{path}' is a file; choose another --output-dir")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        makedirs(path)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
             pass
     except OSError as exc:
@@ -93,17 +99,7 @@ def _remove_if_created_and_empty(path: Path) -> Iterator[None]:
         raise
 
 
-@contextlib.contextmanager
-def _rollback_on_error(written: list[Path]) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-        raise
-
-
+@transactional
 def run_export(
     checkpoint: str,
     arch: Optional[str] = None,
@@ -190,7 +186,7 @@ def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, 
             f"({result.calibration.images_per_second:.0f} images/s)")
 
     written: list[Path] = []
-    with _rollback_on_error(written):
+    with transaction() as tx:
         sn_onnx = export_sn_onnx(model, input_shape, dynamic_batch=dynamic_batch,
                                  dynamic_spatial=dynamic_spatial, opset=opset)
         if fuse:
@@ -215,6 +211,7 @@ def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, 
             from sn_deploy.triton import write_triton_repo
 
             repo = check_writable_dir(Path(triton_repo))
+            tx.watch(repo)  # the model folders it makes go again if a later step fails
             entries = write_triton_repo(repo, model_name, decomposed,
                                         tensorrt=target == "tensorrt")
             written.extend(entries)

@@ -289,14 +289,13 @@ def make_inputs(spec: str, input_shape: Shape, seed: int = 0) -> np.ndarray:
             raise InputError(f"input shape {_shape_text(shape)} has dynamic axes; "
                              "pass --input-shape for random inputs")
         return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    path = Path(spec)
+    path = Path(spec.rpartition(":")[0] if ".npz:" in spec else spec)
     if not path.is_file():
         raise InputError(f"--inputs '{spec}' not found: give 'random' or an existing .npy file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"--inputs '{spec}' is not a readable .npy array ({exc})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+    from sn_deploy.data import load_array
+
+    arr = load_array(spec, "--inputs")
+    if arr.dtype.kind not in "fiu":
         raise InputError(f"--inputs '{spec}' holds {getattr(arr, 'dtype', type(arr).__name__)} "
                          "data; give a numeric .npy array")
     fits = arr.ndim == len(shape) and all(

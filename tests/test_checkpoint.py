@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sn_deploy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint_like
+from sn_deploy.errors import OutputError
 from sn_deploy.models import build_model
 from tests.conftest import randomize_sn
 
@@ -173,12 +174,11 @@ def test_failed_save_leaves_nothing_behind(model, tmp_path, monkeypatch):
         save_checkpoint_like(loaded, loaded.model, tmp_path / "nope" / "out.pth")
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"half")
+        f.write(b"half")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(CheckpointError, match="No space left"):
+    with pytest.raises(OutputError, match="cannot write '.*out.pth' \\(No space left"):
         save_checkpoint_like(loaded, loaded.model, tmp_path / "out.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]
 

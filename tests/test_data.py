@@ -34,7 +34,7 @@ def test_image_folder(tmp_path):
 
 @pytest.mark.parametrize("make,match", [
     (lambda p: None, "not found"),
-    (lambda p: p.write_text("nope"), "not a readable array"),
+    (lambda p: p.write_text("nope"), "not a NumPy file"),
     (lambda p: np.save(p, np.zeros(5)), "expected a numeric array"),
 ])
 def test_array_errors(make, match, tmp_path):

@@ -81,7 +81,7 @@ def test_make_inputs(tmp_path):
     with pytest.raises(InputError, match="not found"):
         make_inputs(str(tmp_path / "nope.npy"), (1, 1, 8, 8))
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
-    with pytest.raises(InputError, match="not a readable .npy"):
+    with pytest.raises(InputError, match="not a NumPy file"):
         make_inputs(str(tmp_path / "junk.npy"), (1, 1, 8, 8))
     np.save(tmp_path / "s.npy", np.array([["a"]]))
     with pytest.raises(InputError, match="numeric"):

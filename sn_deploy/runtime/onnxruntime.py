@@ -72,11 +72,21 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     path = Path(model)
     if not path.is_file():
         raise InputError(f"ONNX model '{path}' not found; check the path")
+    if path.stat().st_size == 0:
+        raise InputError(f"'{path}' is empty (0 bytes), not an ONNX model; re-export it with "
+                         "sn-export")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for garbage
         raise InputError(f"'{path}' is not a readable ONNX model ({type(exc).__name__}); "
                          "re-export it with sn-export") from None
+    missing = [what for what, present in (
+        ("nodes", proto.graph.node), ("inputs", proto.graph.input),
+        ("outputs", proto.graph.output), ("opset", proto.opset_import)) if not present]
+    if missing:  # garbage or a cut-off file can parse as a protobuf with parts missing
+        raise InputError(f"'{path}' is not a complete ONNX model (no graph {', '.join(missing)}; "
+                         "truncated or not ONNX); re-export it with sn-export")
+    return proto
 
 
 def has_sn_nodes(model: onnx.ModelProto) -> bool:
