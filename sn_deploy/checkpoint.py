@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from sn_deploy.adopt import AdoptionSummary, maybe_adopt
 from sn_deploy.atomic import atomic_path
 from sn_deploy.errors import SnDeployError
 from sn_deploy.models import ARCHITECTURES, UnknownArchError, build_model
@@ -54,6 +55,7 @@ class LoadedCheckpoint:
     wrapper_key: Optional[str]  # 'state_dict' / 'model' / None for a bare state_dict
     prefixed: bool           # keys carried the DDP 'module.' prefix
     path: Path
+    adoption: Optional[AdoptionSummary] = None  # foreign SN layers adopted (None: adoption off)
 
 
 def _read(path: Path, trust_pickle: bool) -> Any:
@@ -143,8 +145,11 @@ def _mismatch_message(model: nn.Module, sd: dict, arch: str) -> Optional[str]:
 
 
 def load_checkpoint(path, arch: str, trust_pickle: bool = False,
-                    arch_kwargs: Optional[dict] = None) -> LoadedCheckpoint:
+                    arch_kwargs: Optional[dict] = None, adopt: bool = True) -> LoadedCheckpoint:
     """Load ``path`` into a fresh ``arch`` model, strictly; the model is returned in eval mode.
+
+    ``adopt``: foreign SN layers of the built model (official classes, users' copies) become
+    sn_deploy layers first (:mod:`sn_deploy.adopt`; same names and keys, so matching is unchanged).
 
     A pickled nn.Module (only with ``trust_pickle``) is treated like its state_dict, so it too must
     match ``arch``; ``num_classes`` is read from ``fc.weight`` for registered architectures.
@@ -164,11 +169,12 @@ def load_checkpoint(path, arch: str, trust_pickle: bool = False,
         raise CheckpointError(str(exc)) from None
     except TypeError as exc:  # a factory that does not take the given keyword arguments
         raise CheckpointError(f"cannot build --arch {arch} ({exc})") from None
+    model, adoption = maybe_adopt(model, adopt)
     problem = _mismatch_message(model, sd, arch)
     if problem:
         raise CheckpointError(problem)
     model.load_state_dict(sd, strict=True)
-    return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path)
+    return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path, adoption)
 
 
 def _with_weights(module: nn.Module, sd: dict) -> nn.Module:

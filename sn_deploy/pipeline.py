@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import torch.nn as nn
+
+from sn_deploy.adopt import AdoptionSummary
 from sn_deploy.errors import InputError
+
+TARGETS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -32,6 +37,9 @@ class ExportResult:
     num_sn_layers: int = 0
     validation: object = None  # ValidationReport
     calibration: object = None  # CalibrationResult
+    adoption: Optional[AdoptionSummary] = None
+    #: the ONNX forms written that ONNX Runtime runs (validated; model.trt.onnx is in ``files``)
+    models: list[Path] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -84,24 +92,65 @@ def run_export(
     validate_inputs: str = "random",
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    adopt: bool = True,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Run the whole export job; returns what was written and the parity report."""
+    from sn_deploy.checkpoint import load_checkpoint
+
+    check_target(target)
+    out = check_writable_dir(Path(output_dir))
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, adopt=adopt)
+    if loaded.adoption is not None:
+        log(loaded.adoption.line())
+    return export_model(
+        loaded.model, input_shape, out, dynamic_batch=dynamic_batch,
+        dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
+        fuse=fuse, fuse_residual=fuse_residual, cpu_optimize=cpu_optimize,
+        triton_repo=triton_repo, model_name=model_name, validate_inputs=validate_inputs,
+        atol=atol, rtol=rtol, adoption=loaded.adoption, log=log)
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise InputError(f"unknown --target '{target}': use {' or '.join(TARGETS)}")
+    return target
+
+
+def export_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    output_dir: str | os.PathLike,
+    *,
+    dynamic_batch: bool = False,
+    dynamic_spatial: bool = False,
+    opset: int = 18,
+    target: str = "onnxruntime",
+    calibration: Optional[CalibrationOptions] = None,
+    fuse: bool = True,
+    fuse_residual: bool = True,
+    cpu_optimize: bool = False,
+    triton_repo: Optional[str] = None,
+    model_name: str = "model",
+    validate_inputs: str = "random",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    adoption: Optional[AdoptionSummary] = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """The export job on a model already built (and adopted): it is put in eval mode."""
     from sn_deploy import calibrate as calib
     from sn_deploy import validate as val
-    from sn_deploy.checkpoint import load_checkpoint
     from sn_deploy.export import export_sn_onnx, save_model_atomic
     from sn_deploy.nn import switch_norm_layers
     from sn_deploy.passes.decompose import decompose_model
     from sn_deploy.passes.fuse import fuse_model
     from sn_deploy.report import write_reports
 
-    if target not in ("onnxruntime", "tensorrt"):
-        raise InputError(f"unknown --target '{target}': use onnxruntime or tensorrt")
+    check_target(target)
     out = check_writable_dir(Path(output_dir))
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
-    model = loaded.model.eval()
-    result = ExportResult(output_dir=out)
+    model = model.eval()
+    result = ExportResult(output_dir=out, adoption=adoption)
     result.num_sn_layers = len(switch_norm_layers(model))
     if result.num_sn_layers == 0:
         log("note: the model has no SwitchNorm layer; exporting it as a plain ONNX model")
@@ -147,6 +196,9 @@ def run_export(
         inputs = val.make_inputs(validate_inputs, tuple(input_shape), seed=0)
         result.validation = val.validate(model, forms, inputs, atol=atol, rtol=rtol,
                                          per_layer=result.num_sn_layers > 0)
+        if adoption is not None:
+            result.validation.adoption = adoption.to_json()
+        result.models = forms
         json_path, html_path = out / "report.json", out / "report.html"
         write_reports(result.validation, json_path, html_path)
         written.extend([json_path, html_path])

@@ -39,6 +39,9 @@ def calibrate(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every",
                                          help="save partial sums every N batches to "
                                               "OUTPUT.calib-state; a rerun resumes from it"),
+    adopt: bool = typer.Option(True, "--adopt/--no-adopt",
+                               help="adopt foreign SN layers (official classes, your copies) as "
+                                    "sn_deploy layers (default on)"),
 ) -> None:
     from sn_deploy.distributed import init_from_env, shutdown
 
@@ -46,7 +49,7 @@ def calibrate(
     try:
         _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                    precise_bn, trust_pickle, report, quiet or rank != 0, rank, world, workers,
-                   checkpoint_every)
+                   checkpoint_every, adopt)
     finally:
         if distributed:
             shutdown()
@@ -60,7 +63,7 @@ def state_path(output: Path, rank: int, world: int) -> Path:
 
 def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                precise_bn, trust_pickle, report, quiet, rank, world, workers,
-               checkpoint_every) -> None:
+               checkpoint_every, adopt=True) -> None:
     from sn_deploy.atomic import atomic_write
     from sn_deploy.calibrate import calibrate_from_data
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
@@ -71,7 +74,9 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     check_writable_dir(output.parent)
     if report is not None:
         check_writable_dir(report.parent)
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, adopt=adopt)
+    if loaded.adoption is not None and rank == 0:
+        typer.echo(loaded.adoption.line())
     state = state_path(output, rank, world)
     result = calibrate_from_data(loaded.model, data, recipe=rec, batch_size=batch_size,
                                  num_batches=num_batches, order=order, seed=seed,
@@ -83,7 +88,10 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     if result.resumed_from and rank == 0:
         typer.echo(f"resumed after {result.resumed_from} batch(es) saved in {state}")
     if rank == 0:
-        report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
+        payload = result.to_json()
+        if loaded.adoption is not None:
+            payload["adoption"] = loaded.adoption.to_json()
+        report_text = json.dumps(payload, indent=2)  # before any file is written
         save_checkpoint_like(loaded, loaded.model, output)
         if report is not None:
             atomic_write(report, report_text)
