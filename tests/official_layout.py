@@ -98,6 +98,13 @@ class SwitchNorm1d(nn.Module):
         mean_ln, var_ln = x.mean(1, keepdim=True), x.var(1, keepdim=True)
         if self.training:
             mean_bn, var_bn = x.mean(0, keepdim=True), x.var(0, keepdim=True)
+            with torch.no_grad():
+                if self.using_moving_average:
+                    self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
+                    self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
+                else:
+                    self.running_mean.add_(mean_bn)
+                    self.running_var.add_(mean_bn ** 2 + var_bn)
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
         mw, vw = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
