@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from sn_deploy.adopt import AdoptionSummary, maybe_adopt
 from sn_deploy.atomic import atomic_path
 from sn_deploy.errors import SnDeployError
 from sn_deploy.models import ARCHITECTURES, UnknownArchError, build_model
@@ -86,9 +87,12 @@ class LoadedCheckpoint:
             what = f" (the layout of {self.arch})" if self.arch else ""
             lines.append(f"arch: the pickled {type(self.model).__name__} module of "
                          f"'{self.path.name}'{what}")
+        if self.adoption is not None:
+            lines.append(self.adoption.line())
         if self.dropped:
             lines.append(self.dropped_note())
         return lines
+    adoption: Optional[AdoptionSummary] = None  # foreign SN layers adopted (None: adoption off)
 
 
 def check_checkpoint_path(path) -> Path:
@@ -196,7 +200,7 @@ def _mismatch_message(model: nn.Module, sd: dict, arch: str) -> Optional[str]:
 
 
 def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False,
-                    arch_kwargs: Optional[dict] = None) -> LoadedCheckpoint:
+                    arch_kwargs: Optional[dict] = None, adopt: bool = True) -> LoadedCheckpoint:
     """Load ``path`` into a fresh ``arch`` model, strictly; the model is returned in eval mode.
 
     ``arch=None``: the one registered architecture the checkpoint's keys and shapes fit
@@ -204,6 +208,9 @@ def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False
     nn.Module (only with ``trust_pickle``), that module itself.  With ``arch``, a pickled module is
     treated like its state_dict, so it too must match; ``num_classes`` is read from ``fc.weight``
     for registered architectures.
+
+    ``adopt``: foreign SN layers of the model (official classes, users' copies) become
+    sn_deploy layers first (:mod:`sn_deploy.adopt`; same names and keys, so matching is unchanged).
     """
     path = Path(path)
     container = _read(path, trust_pickle)
@@ -215,7 +222,7 @@ def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False
         raw, wrapper_key = _unwrap(container)
     sd, prefixed = _strip_prefix(raw)
     if arch is None and isinstance(container, nn.Module):
-        return _loaded_module(container, sd, prefixed, path)
+        return _loaded_module(container, sd, prefixed, path, adopt)
     if arch is None:
         sd, backbone_prefix, dropped = split_training_wrapper(sd)
         arch, source = infer_architecture(sd, f"'{path.name}'"), "inferred"
@@ -229,16 +236,18 @@ def load_checkpoint(path, arch: Optional[str] = None, trust_pickle: bool = False
         raise CheckpointError(f"cannot build --arch {arch} ({exc})") from None
     if source == "given" and not any(k.startswith(BACKBONE_PREFIX) for k in model.state_dict()):
         sd, backbone_prefix, dropped = split_training_wrapper(sd)
+    model, adoption = maybe_adopt(model, adopt)
     problem = _mismatch_message(model, sd, arch)
     if problem:
         raise CheckpointError(problem)
     model.load_state_dict(sd, strict=True)
     return LoadedCheckpoint(model.eval(), container, wrapper_key, prefixed, path,
                             arch=arch, arch_source=source, backbone_prefix=backbone_prefix,
-                            dropped=dropped)
+                            dropped=dropped, adoption=adoption)
 
 
-def _loaded_module(container: nn.Module, sd: dict, prefixed: bool, path: Path) -> LoadedCheckpoint:
+def _loaded_module(container: nn.Module, sd: dict, prefixed: bool, path: Path,
+                   adopt: bool) -> LoadedCheckpoint:
     """A trusted pickled module used as it is: its ``.module`` under a DataParallel/DDP wrapper,
     its backbone under a training wrapper.  Its layout is matched only to name it in reports."""
     model = container
@@ -253,9 +262,10 @@ def _loaded_module(container: nn.Module, sd: dict, prefixed: bool, path: Path) -
     else:
         backbone_sd, backbone_prefix, dropped = sd, "", {}
     matches = matching_architectures(backbone_sd)
+    model, adoption = maybe_adopt(model, adopt)
     return LoadedCheckpoint(model.eval(), container, None, prefixed, path,
                             arch=matches[0] if len(matches) == 1 else None, arch_source="pickled",
-                            backbone_prefix=backbone_prefix, dropped=dropped)
+                            backbone_prefix=backbone_prefix, dropped=dropped, adoption=adoption)
 
 
 def _with_weights(module: nn.Module, sd: dict) -> nn.Module:

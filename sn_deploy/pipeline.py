@@ -10,10 +10,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from sn_deploy.atomic import makedirs, transaction, transactional
 from sn_deploy.errors import InputError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from sn_deploy.adopt import AdoptionSummary
+
+TARGETS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -34,6 +41,9 @@ class ExportResult:
     num_sn_layers: int = 0
     validation: object = None  # ValidationReport
     calibration: object = None  # CalibrationResult
+    adoption: Optional[AdoptionSummary] = None
+    #: the ONNX forms written that ONNX Runtime runs (validated; model.trt.onnx is in ``files``)
+    models: list[Path] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -86,19 +96,6 @@ def _shape_text(shape: Sequence[int], dynamic_batch: bool) -> str:
     return "x".join(map(str, shape)) + (" (batch dynamic)" if dynamic_batch else "")
 
 
-@contextlib.contextmanager
-def _remove_if_created_and_empty(path: Path) -> Iterator[None]:
-    """A failed run leaves no empty folder it created (e.g. the default one beside a checkpoint)."""
-    existed = path.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only succeeds when empty
-        raise
-
-
 @transactional
 def run_export(
     checkpoint: str,
@@ -120,6 +117,7 @@ def run_export(
     validate_inputs: str = "random",
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    adopt: bool = True,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Run the whole export job; returns what was written and the parity report.
@@ -128,50 +126,78 @@ def run_export(
     ``input_shape`` is the architecture's native size with a dynamic batch, and ``output_dir`` is
     :func:`default_output_dir`; each inferred choice is logged.
     """
-    from sn_deploy.checkpoint import check_checkpoint_path
+    from sn_deploy.checkpoint import check_checkpoint_path, load_checkpoint
 
-    if target not in ("onnxruntime", "tensorrt"):
-        raise InputError(f"unknown --target '{target}': use onnxruntime or tensorrt")
+    check_target(target)
     check_checkpoint_path(checkpoint)
-    out = Path(output_dir) if output_dir is not None else default_output_dir(checkpoint)
-    with _remove_if_created_and_empty(out):
-        return _run_export(
-            checkpoint, arch, input_shape, out, output_dir is None, dynamic_batch=dynamic_batch,
-            dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
-            trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual,
-            cpu_optimize=cpu_optimize, triton_repo=triton_repo, model_name=model_name,
-            validate_inputs=validate_inputs, atol=atol, rtol=rtol, log=log)
-
-
-def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, dynamic_batch,
-                dynamic_spatial, opset, target, calibration, trust_pickle, fuse, fuse_residual,
-                cpu_optimize, triton_repo, model_name, validate_inputs, atol, rtol,
-                log) -> ExportResult:
-    from sn_deploy import calibrate as calib
-    from sn_deploy import validate as val
-    from sn_deploy.checkpoint import load_checkpoint
-    from sn_deploy.export import export_sn_onnx, save_model_atomic
-    from sn_deploy.nn import switch_norm_layers
-    from sn_deploy.passes.decompose import decompose_model
-    from sn_deploy.passes.fuse import fuse_model
-    from sn_deploy.report import write_reports
-
-    out = check_writable_dir(out)
+    out = check_writable_dir(Path(output_dir) if output_dir is not None
+                             else default_output_dir(checkpoint))
     if calibration is not None:  # a device that cannot be used fails before the slow work
         from sn_deploy.device import resolve_device
 
-        calibration_device = resolve_device(calibration.device)
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+        resolve_device(calibration.device)
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, adopt=adopt)
     for line in loaded.notes():
         log(line)
     input_shape, dynamic_batch, how = resolve_input_shape(loaded.arch or arch, input_shape,
                                                           dynamic_batch)
     if how != "given":
         log(f"input: {_shape_text(input_shape, dynamic_batch)}, {how} (--input-shape to change)")
-    if default_out:
+    if output_dir is None:
         log(f"output folder: {out} (--output-dir to change)")
-    model = loaded.model.eval()
-    result = ExportResult(output_dir=out)
+    return export_model(
+        loaded.model, input_shape, out, dynamic_batch=dynamic_batch,
+        dynamic_spatial=dynamic_spatial, opset=opset, target=target, calibration=calibration,
+        fuse=fuse, fuse_residual=fuse_residual, cpu_optimize=cpu_optimize,
+        triton_repo=triton_repo, model_name=model_name, validate_inputs=validate_inputs,
+        atol=atol, rtol=rtol, adoption=loaded.adoption, log=log)
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise InputError(f"unknown --target '{target}': use {' or '.join(TARGETS)}")
+    return target
+
+
+def export_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    output_dir: str | os.PathLike,
+    *,
+    dynamic_batch: bool = False,
+    dynamic_spatial: bool = False,
+    opset: int = 18,
+    target: str = "onnxruntime",
+    calibration: Optional[CalibrationOptions] = None,
+    fuse: bool = True,
+    fuse_residual: bool = True,
+    cpu_optimize: bool = False,
+    triton_repo: Optional[str] = None,
+    model_name: str = "model",
+    validate_inputs: str = "random",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    adoption: Optional[AdoptionSummary] = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """The export job on a model already built (and adopted): it is put in eval mode."""
+    from sn_deploy import calibrate as calib
+    from sn_deploy import validate as val
+    from sn_deploy.export import export_sn_onnx, save_model_atomic
+    from sn_deploy.nn import switch_norm_layers
+    from sn_deploy.passes.decompose import decompose_model
+    from sn_deploy.passes.fuse import fuse_model
+    from sn_deploy.report import write_reports
+
+    check_target(target)
+    out = check_writable_dir(Path(output_dir))
+    calibration_device = None
+    if calibration is not None:  # a device that cannot be used fails before the slow work
+        from sn_deploy.device import resolve_device
+
+        calibration_device = resolve_device(calibration.device)
+    model = model.eval()
+    result = ExportResult(output_dir=out, adoption=adoption)
     result.num_sn_layers = len(switch_norm_layers(model))
     if result.num_sn_layers == 0:
         log("note: the model has no SwitchNorm layer; exporting it as a plain ONNX model")
@@ -220,6 +246,9 @@ def _run_export(checkpoint, arch, input_shape, out: Path, default_out: bool, *, 
         inputs = val.make_inputs(validate_inputs, tuple(input_shape), seed=0)
         result.validation = val.validate(model, forms, inputs, atol=atol, rtol=rtol,
                                          per_layer=result.num_sn_layers > 0)
+        if adoption is not None:
+            result.validation.adoption = adoption.to_json()
+        result.models = forms
         json_path, html_path = out / "report.json", out / "report.html"
         write_reports(result.validation, json_path, html_path)
         written.extend([json_path, html_path])

@@ -248,6 +248,7 @@ class ValidationReport:
     rtol: float
     input_shape: tuple[int, ...]
     forms: list[FormResult] = field(default_factory=list)
+    adoption: Optional[dict] = None  # AdoptionSummary.to_json() of the PyTorch reference
 
     @property
     def passed(self) -> bool:
@@ -265,6 +266,7 @@ class ValidationReport:
             "passed": self.passed, "atol": self.atol, "rtol": self.rtol, "rule": RULE,
             "reference": "pytorch",
             "input_shape": list(self.input_shape),
+            **({"adoption": self.adoption} if self.adoption is not None else {}),
             "forms": [{
                 "name": f.name, "passed": f.passed,
                 "first_divergent_layer": f.first_divergent_layer,

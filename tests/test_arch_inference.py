@@ -132,7 +132,7 @@ def test_pickled_module_needs_no_arch(tmp_path):
     assert loaded.arch_source == "pickled" and loaded.arch == "demo_sn_net"
     assert loaded.model is loaded.container
     assert loaded.notes() == ["arch: the pickled DemoSNNet module of 'whole.pth' (the layout of "
-                              "demo_sn_net)"]
+                              "demo_sn_net)", "adopted 0 SN layers; 4 sn_deploy SN layers as they are"]
 
 
 def test_pickled_dataparallel_module_is_unwrapped_and_written_back(tmp_path):

@@ -45,6 +45,9 @@ def calibrate(
                                          help="cpu, cuda, cuda:N or mps (default: cuda when "
                                               "visible, else cpu; under torchrun each rank "
                                               "takes cuda:LOCAL_RANK)"),
+    adopt: bool = typer.Option(True, "--adopt/--no-adopt",
+                               help="adopt foreign SN layers (official classes, your copies) as "
+                                    "sn_deploy layers (default on)"),
 ) -> None:
     from sn_deploy.distributed import init_from_env, shutdown
 
@@ -53,7 +56,7 @@ def calibrate(
     try:
         _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                    precise_bn, trust_pickle, report, quiet or rank != 0, rank, world, workers,
-                   checkpoint_every, device=where, distributed=distributed)
+                   checkpoint_every, adopt, device=where, distributed=distributed)
     finally:
         if distributed:
             shutdown()
@@ -67,7 +70,7 @@ def state_path(output: Path, rank: int, world: int) -> Path:
 
 def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, seed, recipe,
                precise_bn, trust_pickle, report, quiet, rank, world, workers,
-               checkpoint_every, device=None, distributed=False) -> None:
+               checkpoint_every, adopt=True, device=None, distributed=False) -> None:
     from sn_deploy.atomic import atomic_write
     from sn_deploy.calibrate import calibrate_from_data
     from sn_deploy.checkpoint import load_checkpoint, save_checkpoint_like
@@ -78,7 +81,7 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     check_writable_dir(output.parent)
     if report is not None:
         check_writable_dir(report.parent)
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, adopt=adopt)
     if rank == 0:
         for line in loaded.notes():
             typer.echo(line)
@@ -94,7 +97,10 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
     if result.resumed_from and rank == 0:
         typer.echo(f"resumed after {result.resumed_from} batch(es) saved in {state}")
     if rank == 0:
-        report_text = json.dumps(result.to_json(), indent=2)  # before any file is written
+        payload = result.to_json()
+        if loaded.adoption is not None:
+            payload["adoption"] = loaded.adoption.to_json()
+        report_text = json.dumps(payload, indent=2)  # before any file is written
         save_checkpoint_like(loaded, loaded.model, output)
         if report is not None:
             atomic_write(report, report_text)

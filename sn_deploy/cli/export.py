@@ -52,6 +52,9 @@ def export(
     model_name: str = typer.Option("model", "--model-name", help="name in the Triton repository"),
     atol: float = typer.Option(1e-4, "--atol"),
     rtol: float = typer.Option(1e-4, "--rtol"),
+    adopt: bool = typer.Option(True, "--adopt/--no-adopt",
+                               help="adopt foreign SN layers (official classes, your copies) as "
+                                    "sn_deploy layers (default on)"),
 ) -> None:
     from sn_deploy.export import parse_shape
     from sn_deploy.pipeline import CalibrationOptions, run_export
@@ -69,7 +72,7 @@ def export(
         trust_pickle=trust_pickle, fuse=fuse, fuse_residual=fuse_residual,
         cpu_optimize=cpu_optimize, atol=atol, rtol=rtol,
         log=typer.echo, triton_repo=str(triton_repo) if triton_repo else None,
-        model_name=model_name,
+        model_name=model_name, adopt=adopt,
     )
     typer.echo(render_table(result.validation))
     typer.echo(f"report: {result.files['report.json']} and {result.files['report.html']}")

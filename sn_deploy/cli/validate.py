@@ -113,6 +113,9 @@ def validate(
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle",
                                       help="allow a pickled whole model (runs its code)"),
+    adopt: bool = typer.Option(True, "--adopt/--no-adopt",
+                               help="adopt foreign SN layers (official classes, your copies) as "
+                                    "sn_deploy layers (default on)"),
 ) -> None:
     from sn_deploy.checkpoint import load_checkpoint
     from sn_deploy.report import render_table, write_reports
@@ -154,12 +157,12 @@ def validate(
             fail("--engine needs --plugin-lib pointing at libsn_trt_plugin.so")
         runners = [EngineRunner(e, plugin_lib) for e in engines]
 
-    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(checkpoint, arch, trust_pickle=trust_pickle, adopt=adopt)
     for line in loaded.notes():
         typer.echo(line)
-    model = loaded.model
-    report = run_validation(model, onnx_models, x, atol=atol, rtol=rtol, per_layer=per_layer,
-                            threads=threads, extra_runners=runners)
+    report = run_validation(loaded.model, onnx_models, x, atol=atol, rtol=rtol,
+                            per_layer=per_layer, threads=threads, extra_runners=runners)
+    report.adoption = loaded.adoption.to_json() if loaded.adoption is not None else None
     typer.echo(render_table(report))
     write_reports(report, json_out, html_out)
     if not report.passed:
