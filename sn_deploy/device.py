@@ -66,15 +66,15 @@ def resolve_device(spec: DeviceSpec = None, local_rank: Optional[int] = None,
 
 def _cuda_device(device: torch.device, local_rank: Optional[int],
                  local_world_size: int) -> torch.device:
+    if device.index is not None and local_rank is not None and local_world_size > 1:
+        raise DeviceError(device, f"names one GPU for all {local_world_size} ranks of this node; "
+                                  "use cuda (each rank takes cuda:LOCAL_RANK)")
     if not torch.cuda.is_available():
         why = ("this torch build has no CUDA support (torch " + torch.__version__ + ")"
                if torch.version.cuda is None else
                "no CUDA device is visible (check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES)")
         raise DeviceError(device, f"cannot be used: {why}; use cpu")
     count = torch.cuda.device_count()
-    if device.index is not None and local_rank is not None and local_world_size > 1:
-        raise DeviceError(device, f"names one GPU for all {local_world_size} ranks of this node; "
-                                  "use cuda (each rank takes cuda:LOCAL_RANK)")
     if device.index is None and local_rank is not None:
         if local_rank >= count:
             raise DeviceError(device, f"is cuda:{local_rank} for LOCAL_RANK {local_rank}, but "

@@ -104,8 +104,13 @@ def _calibrate(checkpoint, arch, data, output, batch_size, num_batches, order, s
         save_checkpoint_like(loaded, loaded.model, output)
         if report is not None:
             atomic_write(report, report_text)
-        typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {world} "
-                   f"process{'es' if world > 1 else ''} on {result.device} "
+        over = f"{world} process{'es' if world > 1 else ''}"
+        if distributed:
+            import torch.distributed as dist
+
+            over += f" ({dist.get_backend()})"
+        typer.echo(f"calibrated {len(result.layers)} layers on {k} batches of {b} over {over} "
+                   f"on {result.device} "
                    f"({result.images_per_second:.0f} images/s); wrote {output}")
     if world > 1:  # every rank's state stays until rank 0 has written the result
         import torch.distributed as dist
