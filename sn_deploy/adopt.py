@@ -163,7 +163,7 @@ def _check(path: str, module: nn.Module) -> type:
         if len(sparse) != 3 or rank != 4 or branches != 3:
             lacking = [k for k in SPARSE if k not in sparse]
             raise refuse("Sparse SN needs buffers mean_fixed, var_fixed and radius on a 2d layer "
-                         f"with 3 branches" + (f" (no {', '.join(lacking)})" if lacking else ""))
+                         "with 3 branches" + (f" (no {', '.join(lacking)})" if lacking else ""))
         for k in SPARSE:
             if k not in buffers or buffers[k].numel() != 1:
                 raise refuse(f"{k} must be a one-element buffer")

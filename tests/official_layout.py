@@ -26,6 +26,18 @@ def _official_stats(x3: torch.Tensor):
     return mean_in, var_in, mean_ln, var_ln, mean_bn, var_bn
 
 
+def _update_running(sn: nn.Module, mean_bn, var_bn) -> None:
+    """The official training-mode update of the running statistics (moving average, or the raw
+    sums of batch-average mode), shared by the 1d and spatial fixtures."""
+    with torch.no_grad():
+        if sn.using_moving_average:
+            sn.running_mean.mul_(sn.momentum).add_((1 - sn.momentum) * mean_bn)
+            sn.running_var.mul_(sn.momentum).add_((1 - sn.momentum) * var_bn)
+        else:
+            sn.running_mean.add_(mean_bn)
+            sn.running_var.add_(mean_bn ** 2 + var_bn)
+
+
 class _SpatialSN(nn.Module):
     """Official 2d/3d layout: weight/bias (1,C,1..), mean/var_weight (3,) or (2,), running (1,C,1)."""
 
@@ -55,13 +67,7 @@ class _SpatialSN(nn.Module):
         var = vw[0] * var_in + vw[1] * var_ln
         if self.using_bn:
             if self.training:
-                with torch.no_grad():
-                    if self.using_moving_average:
-                        self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
-                        self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
-                    else:
-                        self.running_mean.add_(mean_bn)
-                        self.running_var.add_(mean_bn ** 2 + var_bn)
+                _update_running(self, mean_bn, var_bn)
             else:
                 mean_bn, var_bn = self.running_mean, self.running_var
             mean = mean + mw[2] * mean_bn
@@ -98,13 +104,7 @@ class SwitchNorm1d(nn.Module):
         mean_ln, var_ln = x.mean(1, keepdim=True), x.var(1, keepdim=True)
         if self.training:
             mean_bn, var_bn = x.mean(0, keepdim=True), x.var(0, keepdim=True)
-            with torch.no_grad():
-                if self.using_moving_average:
-                    self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
-                    self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
-                else:
-                    self.running_mean.add_(mean_bn)
-                    self.running_var.add_(mean_bn ** 2 + var_bn)
+            _update_running(self, mean_bn, var_bn)
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
         mw, vw = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
