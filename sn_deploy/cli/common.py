@@ -39,7 +39,13 @@ class _Exit(Exception):
         self.code = code
 
 
+_sigterm_received = threading.Event()
+
+
 def _raise_terminated(signum, frame) -> NoReturn:
+    # recorded as well as raised: a library may catch the exception (torch.onnx's exporter
+    # catches BaseException while it tries its capture strategies) and fail or even finish
+    _sigterm_received.set()
     raise Terminated()
 
 
@@ -74,12 +80,19 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
+        _sigterm_received.clear()
         try:
             with transaction():
                 try:
                     code = app(standalone_mode=False)
                 except BrokenPipeError:
                     code = _quiet_stdout()
+                except BaseException:
+                    if _sigterm_received.is_set():  # whatever it became on the way up
+                        raise Terminated() from None
+                    raise
+                if _sigterm_received.is_set():
+                    raise Terminated()  # swallowed below us: still undo and exit 143
                 code = code if isinstance(code, int) else EXIT_OK
                 if code not in _KEEP_FILES:
                     raise _Exit(code)  # undo what the command wrote
