@@ -1,5 +1,5 @@
-"""SIGTERM ends a command with one line, exit 143 and its outputs undone, even when a library
-below the command catches the exception the signal raised (torch.onnx's exporter does)."""
+"""SIGTERM and Ctrl-C end a command with one line, exit 143/130 and its outputs undone, even when
+a library below the command catches the exception the signal raised (torch.onnx's exporter does)."""
 from __future__ import annotations
 
 import os
@@ -9,17 +9,17 @@ import pytest
 import typer
 
 from sn_deploy.atomic import atomic_write
-from sn_deploy.cli.common import EXIT_TERMINATED, run_app
+from sn_deploy.cli.common import EXIT_INTERRUPTED, EXIT_TERMINATED, run_app
 
 
-def _app(out, behaviour: str) -> typer.Typer:
+def _app(out, signum: int, behaviour: str) -> typer.Typer:
     app = typer.Typer(add_completion=False)
 
     @app.command()
     def job() -> None:
         atomic_write(out / "first.txt", "written before the signal")
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         except BaseException:  # a library that swallows everything
             if behaviour == "fails":
                 raise RuntimeError("partially initialized module") from None
@@ -28,17 +28,24 @@ def _app(out, behaviour: str) -> typer.Typer:
     return app
 
 
+EXPECTED = {signal.SIGTERM: (EXIT_TERMINATED, "error: terminated (SIGTERM); outputs left as they were"),
+            signal.SIGINT: (EXIT_INTERRUPTED, "error: interrupted; outputs left as they were")}
+
+
+@pytest.mark.parametrize("signum", list(EXPECTED))
 @pytest.mark.parametrize("behaviour", ["fails", "finishes"])
-def test_sigterm_swallowed_below_the_command_still_terminates(tmp_path, capsys, monkeypatch,
-                                                               behaviour):
+def test_signal_swallowed_below_the_command_still_ends_it(tmp_path, capsys, monkeypatch, signum,
+                                                          behaviour):
     monkeypatch.setattr("sys.argv", ["sn-job"])
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in EXPECTED}
     try:
         with pytest.raises(SystemExit) as exit_info:
-            run_app(_app(tmp_path, behaviour))()
+            run_app(_app(tmp_path, signum, behaviour))()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == EXIT_TERMINATED
-    assert err == ["error: terminated (SIGTERM); outputs left as they were"]
+    code, line = EXPECTED[signum]
+    assert exit_info.value.code == code
+    assert err == [line]
     assert list(tmp_path.iterdir()) == []  # both files undone

@@ -39,14 +39,15 @@ class _Exit(Exception):
         self.code = code
 
 
-_sigterm_received = threading.Event()
+_signals_received: list[int] = []  # SIGINT/SIGTERM seen by the running command, in order
+_RAISED_BY = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 
-def _raise_terminated(signum, frame) -> NoReturn:
+def _raise_for_signal(signum, frame) -> NoReturn:
     # recorded as well as raised: a library may catch the exception (torch.onnx's exporter
     # catches BaseException while it tries its capture strategies) and fail or even finish
-    _sigterm_received.set()
-    raise Terminated()
+    _signals_received.append(signum)
+    raise _RAISED_BY[signum]()
 
 
 def _environment_error(exc: OSError) -> str:
@@ -79,8 +80,10 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
         from sn_deploy.atomic import transaction
 
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        _sigterm_received.clear()
+            for signum in _RAISED_BY:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, background jobs
+                    signal.signal(signum, _raise_for_signal)
+        _signals_received.clear()
         try:
             with transaction():
                 try:
@@ -88,11 +91,11 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
                 except BrokenPipeError:
                     code = _quiet_stdout()
                 except BaseException:
-                    if _sigterm_received.is_set():  # whatever it became on the way up
-                        raise Terminated() from None
+                    if _signals_received:  # whatever it became on the way up
+                        raise _RAISED_BY[_signals_received[0]]() from None
                     raise
-                if _sigterm_received.is_set():
-                    raise Terminated()  # swallowed below us: still undo and exit 143
+                if _signals_received:  # swallowed below us: still undo, exit 130/143
+                    raise _RAISED_BY[_signals_received[0]]()
                 code = code if isinstance(code, int) else EXIT_OK
                 if code not in _KEEP_FILES:
                     raise _Exit(code)  # undo what the command wrote
